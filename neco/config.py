@@ -1,0 +1,174 @@
+"""Typed schemas of the Hydra config tree, registered in Hydra's ConfigStore.
+
+`conf/train.yaml` lists `train_schema` first in its defaults, so every YAML file of every group is merged
+into these dataclasses: a misspelt key or a value of the wrong type fails at compose time, naming the key.
+Components receive only their own sub-config (`cfg.loss`, `cfg.optim`, ...), never the whole tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "dinov2_vits14"
+    # "default" (the backbone's official weights), "random" (explicit random init), a local path,
+    # an https:// URL, or a released checkpoint.
+    weights: str = "default"
+    strict: bool = True
+    drop_path_rate: float = 0.1  # student only; the teacher always runs without stochastic depth
+
+
+@dataclass
+class DataConfig:
+    name: str = "coco"  # synthetic | coco | imagenet100 | imagenet | voc | folder | a+b (concatenation)
+    global_size: int = 518
+    local_size: int = 98
+    num_global: int = 2
+    num_local: int = 4
+    global_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.25])
+    min_intersection: float = 0.01
+    max_resample: int = 1000  # the reference resamples forever; we raise a clear error instead
+    jitter_strength: float = 1.0
+    blur_strength: float = 1.0
+    batch_size: int = 64  # per process
+    num_workers: int = 8
+    shuffle: bool = True
+    drop_last: bool = True
+    # Only for data=synthetic: procedural scenes generated on the fly.
+    synthetic_images: int = 512
+    synthetic_size: int = 128
+    synthetic_seed: int = 0
+
+
+@dataclass
+class HeadConfig:
+    hidden_dim: int = 2048
+    out_dim: int = 256
+    num_layers: int = 3
+
+
+@dataclass
+class LossConfig:
+    student_steepness: float = 100.0
+    teacher_steepness: Optional[float] = 100.0  # null: reuse the student's steepness (reference behaviour)
+    network: str = "bitonic"  # bitonic | odd_even
+    distribution: str = "cauchy"  # cauchy | logistic | logistic_phi | gaussian | reciprocal | optimal
+    art_lambda: float = 0.25
+    similarity: str = "cosine"  # cosine | euclidean
+    references: str = "queue"  # batch (in-batch shuffle) | queue (FIFO of past teacher embeddings)
+    queue_length: int = 8192  # summed over processes; each process keeps queue_length / world_size rows
+    mask: str = "all"  # all | fg | bg
+    roi_size: int = 7
+    use_teacher: bool = True  # false: the student provides its own (no-grad) targets, as the no-teacher ablation
+    head: HeadConfig = field(default_factory=HeadConfig)
+    # Reference behaviour by default; each option below names the fix (see README "Reference quirks").
+    reference_source: str = "teacher"  # teacher (reference) | student (as the paper text describes)
+    queue_counter: str = "shared"  # shared (reference: one counter for both queues) | per_queue
+    teacher_head_init: str = "independent"  # independent (reference) | copy (teacher head = student head)
+    box_scale: str = "patch"  # patch (reference: boxes / patch size) | grid (boxes / (crop size / tokens))
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 25
+    lr_backbone: float = 1e-5
+    lr_heads: float = 1e-4
+    final_lr: float = 0.0
+    scale_lr_with_batch: bool = False  # true: lr *= effective_batch / 256 (off in every published run)
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum_teacher: float = 0.9995
+    momentum_teacher_end: float = 1.0
+    exclude_norm_bias: bool = True
+    decay_tokens: bool = True  # reference decays CLS/pos-embed/register tokens; false excludes them
+    trainable_blocks: Optional[Any] = None  # null = all; int n -> sorted(blocks)[n:]; list -> those blocks
+    grad_clip: Optional[float] = None  # global-norm clipping that really clips (the reference's is a no-op)
+    accumulate: int = 1  # micro-batches per optimizer step; in-batch references come from each micro-batch
+    ema_timing: str = "before_step"  # before_step (reference) | after_step
+
+
+@dataclass
+class EvalConfig:
+    name: str = "none"  # none | quick (dense NN retrieval + k-means on the synthetic validation split)
+    before_training: bool = True
+    after_training: bool = True
+    every_n_epochs: int = 0  # 0: only before/after
+    image_size: int = 64
+    train_images: int = 256
+    val_images: int = 128
+    num_figures: int = 6
+
+
+@dataclass
+class WandbConfig:
+    project: str = "neco"
+    entity: Optional[str] = None
+    mode: str = "offline"  # online | offline | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "jsonl"  # jsonl (metrics.jsonl only) | wandb (metrics.jsonl and Weights & Biases)
+    log_every: int = 10
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class PathsConfig:
+    root: str = "."
+    data: str = "data"
+    coco: str = "data/coco/images"
+    imagenet: str = "data/imagenet"
+    voc: str = "data/voc"
+    ade20k: str = "data/ADEChallengeData2016"
+    cityscapes: str = "data/cityscapes"
+    folder: str = "data/images"
+    weights: str = "weights"  # cache for downloaded checkpoints
+    output_dir: str = "outputs"
+    results: str = "outputs/results"
+
+
+@dataclass
+class TrainConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    run_name: str = "run"
+    seed: int = 400
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    compile: bool = False
+    max_steps: Optional[int] = None  # stop early (debugging); schedules still span the full run
+    checkpoint_every: int = 1000  # optimizer steps; the end of each epoch always checkpoints
+    keep_checkpoints: int = 3
+    resume: Optional[str] = "auto"  # auto | null | a run directory | a checkpoint path
+
+
+def asset_path(name: str) -> str:
+    """Absolute path of a file shipped inside the package (used as `${neco_asset:file}` in configs)."""
+    return str(Path(__file__).resolve().parent / "assets" / name)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("neco_asset"):
+        OmegaConf.register_new_resolver("neco_asset", asset_path)
+
+
+register_configs()

@@ -1,0 +1,309 @@
+"""On-disk training image readers (COCO, ImageNet(-100), Pascal VOC trainaug, any image folder).
+
+Training only needs images, so every reader here returns ``transform(image)``. Folder layouts follow
+spec §1.1 and §7. A missing or empty dataset folder raises :class:`DatasetNotFound` whose message names
+the ``paths.<key>`` config entry to fix, the path that was tried and what it should contain.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Union
+
+from PIL import Image, ImageOps
+from torch.utils.data import ConcatDataset, Dataset
+
+from .synthetic import SyntheticTrain
+
+PathLike = Union[str, os.PathLike]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+# Spec Appendix A: the ImageNet-100 subset (`imagenet100.txt`).
+IMAGENET100_WNIDS = (
+    "n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245 n01773797 "
+    "n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653 "
+    "n02086910 n02859443 n13040303 n03594734 n02085620 n02099849 n01558993 n04493381 n02109047 n04111531 "
+    "n02877765 n04429376 n02009229 n01978455 n02106550 n01820546 n01692333 n07714571 n02974003 n02114855 "
+    "n03785016 n03764736 n03775546 n02087046 n07836838 n04099969 n04592741 n03891251 n02701002 n03379051 "
+    "n02259212 n07715103 n03947888 n04026417 n02326432 n03637318 n01980166 n02113799 n02086240 n03903868 "
+    "n02483362 n04127249 n02089973 n03017168 n02093428 n02804414 n02396427 n04418357 n02172182 n01729322 "
+    "n02113978 n03787032 n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029 "
+    "n03837869 n03494278 n04136333 n03794056 n03492542 n02018207 n04067472 n03930630 n03584829 n02123045 "
+    "n04229816 n02100583 n03642806 n04336792 n03259280 n02116738 n02108089 n03424325 n01855672 n02090622"
+).split()
+
+TRAIN_DATASETS = ("synthetic", "coco", "imagenet100", "imagenet", "voc", "folder")
+# Names used by the reference configs, accepted as synonyms.
+_ALIASES = {"imagenet100k": "imagenet100"}
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A dataset folder is missing, incomplete or has no images; the message names the config key to set."""
+
+
+class ImageReadError(OSError):
+    """An image file exists but cannot be decoded."""
+
+
+def load_rgb(path: PathLike) -> Image.Image:
+    """Open an image as RGB, honouring its EXIF orientation (phone photos are often stored rotated)."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode == "P" and "transparency" in im.info:
+                # Palette transparency must go through RGBA, or PIL warns and may mis-map colours.
+                im = im.convert("RGBA")
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"could not read image {path}: {e}") from e
+
+
+def _has_ext(name: str, extensions: Sequence[str]) -> bool:
+    # AppleDouble files ("._x.jpg") and other dotfiles are metadata, not images.
+    return not name.startswith(".") and name.lower().endswith(tuple(e.lower() for e in extensions))
+
+
+def list_images(
+    root: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS, recursive: bool = False
+) -> list[str]:
+    """Sorted image paths directly inside ``root`` (or anywhere under it with ``recursive``)."""
+    root = os.fspath(root)
+    if not recursive:
+        with os.scandir(root) as it:
+            files = [e.path for e in it if e.is_file() and _has_ext(e.name, extensions)]
+        return sorted(files)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files.extend(os.path.join(dirpath, f) for f in filenames if _has_ext(f, extensions))
+    return sorted(files)
+
+
+class ImageFileDataset(Dataset):
+    """A fixed list of image files -> ``transform(RGB image)`` (the image itself without a transform)."""
+
+    def __init__(self, files: Sequence[PathLike], transform: Callable | None = None):
+        self.files = [os.fspath(f) for f in files]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        image = load_rgb(self.files[index])
+        return self.transform(image) if self.transform is not None else image
+
+
+class ImageFolderDataset(ImageFileDataset):
+    """Every image file directly inside ``root`` (or under it with ``recursive=True``), sorted by path."""
+
+    def __init__(
+        self,
+        root: PathLike,
+        transform: Callable | None = None,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        recursive: bool = False,
+        key: str = "folder",
+    ):
+        root = _require_dir(root, key, root, "image files")
+        self.root = root
+        super().__init__(_require_images(root, key, root, extensions, recursive), transform)
+
+
+# Path checks that produce the user-facing messages ------------------------------------------------------
+
+
+def _require_dir(path: PathLike, key: str, root: PathLike, what: str) -> str:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise DatasetNotFound(
+            f"paths.{key}={os.fspath(root)}: expected {path} with {what}, but it does not exist"
+        )
+    return path
+
+
+def _require_images(
+    folder: str,
+    key: str,
+    root: PathLike,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    recursive: bool = False,
+) -> list[str]:
+    files = list_images(folder, extensions, recursive)
+    if not files:
+        where = "under" if recursive else "directly inside"
+        raise DatasetNotFound(
+            f"paths.{key}={os.fspath(root)}: no images found {where} {folder} "
+            f"(looked for {', '.join(extensions)})"
+        )
+    return files
+
+
+# Dataset readers ------------------------------------------------------------------------------------------
+
+
+def coco_train(root: PathLike, transform: Callable | None = None, key: str = "coco") -> ImageFileDataset:
+    """COCO train2017 images: ``root`` directly contains ``train2017/`` (spec §1.1).
+
+    The COCO root itself (holding ``images/train2017``, the evaluation layout of spec §7.2) is accepted
+    too: it names the same images, so one ``paths.coco`` serves training and evaluation.
+    """
+    root = os.path.expanduser(os.fspath(root))
+    folder = os.path.join(root, "train2017")
+    if not os.path.isdir(folder) and os.path.isdir(os.path.join(root, "images", "train2017")):
+        folder = os.path.join(root, "images", "train2017")
+    _require_dir(folder, key, root, "the COCO train2017 images")
+    return ImageFileDataset(_require_images(folder, key, root), transform)
+
+
+def _read_wnids(class_list: Union[PathLike, Sequence[str]], key: str, root: str) -> list[str]:
+    if isinstance(class_list, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(class_list))
+        if not os.path.isfile(path):
+            raise DatasetNotFound(
+                f"paths.{key}={root}: expected the class list {path} (one wnid per line); it does not exist"
+            )
+        with open(path) as f:
+            return [w for w in (line.strip() for line in f) if w and not w.startswith("#")]
+    return [str(w) for w in class_list]
+
+
+def imagenet_train(
+    root: PathLike,
+    transform: Callable | None = None,
+    class_list: Union[PathLike, Sequence[str], None] = None,
+    key: str = "imagenet",
+) -> ImageFileDataset:
+    """ImageNet training images ``root/train/<wnid>/*``, sorted by class then file name.
+
+    ``class_list`` (a file with one wnid per line such as ``imagenet100.txt``, or a sequence of wnids)
+    restricts to those classes; every listed class folder must exist.
+    """
+    root = os.path.expanduser(os.fspath(root))
+    train = _require_dir(
+        os.path.join(root, "train"), key, root, "one folder of images per class (train/<wnid>/)"
+    )
+    if class_list is None:
+        with os.scandir(train) as it:
+            wnids = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    else:
+        wnids = _read_wnids(class_list, key, root)
+        missing = [w for w in wnids if not os.path.isdir(os.path.join(train, w))]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise DatasetNotFound(
+                f"paths.{key}={root}: {len(missing)} of the {len(wnids)} listed classes have no folder "
+                f"in {train} ({shown})"
+            )
+    files = [f for w in wnids for f in list_images(os.path.join(train, w))]
+    if not files:
+        raise DatasetNotFound(
+            f"paths.{key}={root}: no images found in the class folders of {train} "
+            f"(expected {train}/<wnid>/*.JPEG)"
+        )
+    return ImageFileDataset(files, transform)
+
+
+def imagenet100_train(
+    root: PathLike, transform: Callable | None = None, key: str = "imagenet"
+) -> ImageFileDataset:
+    """ImageNet-100: the classes of ``root/imagenet100.txt`` if present, else :data:`IMAGENET100_WNIDS`."""
+    root = os.path.expanduser(os.fspath(root))
+    listed = os.path.join(root, "imagenet100.txt")
+    return imagenet_train(root, transform, listed if os.path.isfile(listed) else IMAGENET100_WNIDS, key)
+
+
+def voc_trainaug(root: PathLike, transform: Callable | None = None, key: str = "voc") -> ImageFileDataset:
+    """Pascal VOC ``trainaug`` images (spec §7.1), listed by ``VOCSegmentation/sets/trainaug.txt``.
+
+    ``root`` may be the folder containing ``VOCSegmentation/`` or that folder itself.
+    """
+    root = os.path.expanduser(os.fspath(root))
+    voc = os.path.join(root, "VOCSegmentation")
+    if not os.path.isdir(voc) and os.path.isdir(os.path.join(root, "sets")):
+        voc = root
+    split = os.path.join(voc, "sets", "trainaug.txt")
+    if not os.path.isfile(split):
+        raise DatasetNotFound(
+            f"paths.{key}={root}: expected {split} (the trainaug image ids, one per line) next to "
+            f"{os.path.join(voc, 'images')}/<id>.jpg, but it does not exist"
+        )
+    with open(split) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    if not ids:
+        raise DatasetNotFound(f"paths.{key}={root}: no images found: {split} lists no image ids")
+    files = [os.path.join(voc, "images", f"{i}.jpg") for i in ids]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise DatasetNotFound(
+            f"paths.{key}={root}: {len(missing)} of the {len(files)} images listed in {split} are missing, "
+            f"e.g. {missing[0]}"
+        )
+    return ImageFileDataset(files, transform)
+
+
+def folder_train(
+    root: PathLike, transform: Callable | None = None, key: str = "folder"
+) -> ImageFolderDataset:
+    """Any folder of images, searched recursively (class subfolders and the like are fine)."""
+    return ImageFolderDataset(os.path.expanduser(os.fspath(root)), transform, recursive=True, key=key)
+
+
+def build_train_dataset(
+    name: str,
+    roots: Mapping[str, PathLike | None],
+    transform: Callable | None = None,
+    synthetic: Mapping | None = None,
+) -> Dataset:
+    """The training dataset ``name`` (``synthetic``, ``coco``, ``imagenet100``, ``imagenet``, ``voc``,
+    ``folder``, or several joined by ``+`` such as ``coco+imagenet100``, concatenated in that order).
+
+    ``roots`` maps ``coco``, ``imagenet`` (also used for ImageNet-100), ``voc`` and ``folder`` to folders:
+    the ``paths`` config group. ``synthetic`` holds keyword arguments for :class:`SyntheticTrain`.
+    """
+    parts = [p.strip().lower() for p in name.replace(",", "+").split("+") if p.strip()]
+    parts = [_ALIASES.get(p, p) for p in parts]
+    unknown = [p for p in parts if p not in TRAIN_DATASETS]
+    if not parts or unknown:
+        raise ValueError(
+            f"unknown training dataset {name!r}: expected one of {', '.join(TRAIN_DATASETS)} "
+            "or several joined by '+' (e.g. coco+imagenet100)"
+        )
+    datasets = [_build_one(p, roots, transform, synthetic) for p in parts]
+    return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+
+
+_ROOT_KEYS = {
+    "coco": "coco",
+    "imagenet100": "imagenet",
+    "imagenet": "imagenet",
+    "voc": "voc",
+    "folder": "folder",
+}
+_EXPECTED = {
+    "coco": "the folder that directly contains train2017/",
+    "imagenet": "the ImageNet folder that contains train/<wnid>/",
+    "voc": "the folder that contains VOCSegmentation/",
+    "folder": "a folder of images",
+}
+
+
+def _build_one(
+    part: str, roots: Mapping[str, PathLike | None], transform: Callable | None, synthetic: Mapping | None
+) -> Dataset:
+    if part == "synthetic":
+        return SyntheticTrain(transform, **dict(synthetic or {}))
+    key = _ROOT_KEYS[part]
+    root = roots.get(key)
+    if root is None or os.fspath(root) == "":
+        raise DatasetNotFound(f"paths.{key} is not set: set it to {_EXPECTED[key]} (dataset {part!r})")
+    readers = {
+        "coco": coco_train,
+        "imagenet100": imagenet100_train,
+        "imagenet": imagenet_train,
+        "voc": voc_trainaug,
+        "folder": folder_train,
+    }
+    return readers[part](root, transform, key=key)

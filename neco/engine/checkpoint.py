@@ -1,0 +1,118 @@
+"""Atomic checkpoint writes, full-state resume and finding the last checkpoint of a run (for requeue)."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from neco.errors import UserError
+
+_STEP = re.compile(r"^step_(\d+)\.pt$")
+
+
+class ResumeError(UserError):
+    """`resume=` points at something that is not a checkpoint of this project."""
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the step touches, as tensors and plain numbers so that weights-only loading works."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": _python_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict, run_dir: Path, step: int, keep: int) -> Path:
+    """Write `step_<N>.pt`, refresh `last.pt`, and delete all but the newest `keep` step files."""
+    folder = checkpoint_dir(run_dir)
+    path = folder / f"step_{step}.pt"
+    save_atomic(state, path)
+    last = folder / "last.pt"
+    tmp = folder / ".last.pt.tmp"
+    if tmp.exists():
+        tmp.unlink()
+    # A hard link is instant and atomic to rename; fall back to a second copy where links are not allowed.
+    try:
+        os.link(path, tmp)
+        os.replace(tmp, last)
+    except OSError:
+        save_atomic(state, last)
+    for old in sorted(_step_files(folder))[:-keep] if keep > 0 else []:
+        (folder / f"step_{old}.pt").unlink(missing_ok=True)
+    return path
+
+
+def _step_files(folder: Path) -> list[int]:
+    if not folder.is_dir():
+        return []
+    return [int(m.group(1)) for p in folder.iterdir() if (m := _STEP.match(p.name))]
+
+
+def find_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[Path]:
+    """Resolve `resume=` (auto | a run directory | a checkpoint file | null) to a checkpoint file or None."""
+    if resume in (None, "", "null", "none"):
+        return None
+    if resume == "auto":
+        last = checkpoint_dir(run_dir) / "last.pt"
+        return last if last.is_file() else None
+    path = Path(resume)
+    if path.is_dir():
+        last = checkpoint_dir(path) / "last.pt"
+        if not last.is_file():
+            raise ResumeError(f"resume={resume}: no checkpoints/last.pt in that run directory")
+        return last
+    if not path.is_file():
+        raise ResumeError(f"resume={resume}: no such file or run directory (use resume=auto, a run directory, "
+                          "or a checkpoint path)")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated or not a torch file
+        raise ResumeError(f"resume: {path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or "student" not in state or "step" not in state:
+        raise ResumeError(f"resume: {path} is not a training checkpoint of this project")
+    return state

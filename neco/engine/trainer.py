@@ -1,0 +1,224 @@
+"""The plain-PyTorch training loop: AMP, accumulation, EMA teacher, schedules, checkpoints, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from neco.errors import UserError
+from neco.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from neco.engine.log import MetricsLogger
+from neco.engine.optim import Schedules
+from neco.loss.masks import attention_foreground
+from neco.models.ema import ema_update
+
+log = logging.getLogger("neco")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the run stops and its last checkpoint stays as it was."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # completed optimizer steps = index into the schedules
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+
+
+class Trainer:
+    def __init__(self, *, student, teacher, objective, optimizer, schedules: Schedules, loader, sampler, cfg,
+                 run_dir: Path, device: torch.device, amp_dtype: Optional[torch.dtype], logger: MetricsLogger,
+                 steps_per_epoch: int, evaluator: Optional[Callable] = None):
+        self.student, self.teacher, self.objective = student, teacher, objective
+        self.optimizer, self.schedules = optimizer, schedules
+        self.loader, self.sampler = loader, sampler
+        self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
+        self.amp_dtype = amp_dtype
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.logger, self.evaluator = logger, evaluator
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * cfg.optim.epochs
+        self.state = TrainState()
+        self.trainable = [p for p in student.parameters() if p.requires_grad]
+        self.num_global = cfg.data.num_global
+        self._saved_step: Optional[int] = None
+
+    # ---------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "batch_in_epoch": self.state.batch_in_epoch,
+            "rng": rng_state(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        self.student.load_state_dict(ckpt["student"])
+        self.teacher.load_state_dict(ckpt["teacher"])
+        self.objective.load_state_dict(ckpt["objective"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"])
+        set_rng_state(ckpt["rng"])
+        self._saved_step = self.state.step
+        log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
+
+    def save(self) -> None:
+        if self._saved_step == self.state.step:  # e.g. the end of the last epoch is also the end of the run
+            return
+        save_checkpoint(self.state_dict(), self.run_dir, self.state.step, self.cfg.keep_checkpoints)
+        self._saved_step = self.state.step
+
+    # ----------------------------------------------------------------------------------------------- step
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def compute_loss(self, crops: list[torch.Tensor], boxes: dict) -> torch.Tensor:
+        G = self.num_global
+        masked = self.cfg.loss.mask != "all"
+        fg = None
+        with self._autocast():
+            student_maps = self.student(crops)
+            if self.cfg.loss.use_teacher:
+                with torch.no_grad():
+                    out = self.teacher(crops[:G], with_attention=masked)
+                teacher_maps, attention = out if masked else (out, None)
+            else:
+                # No-teacher ablation: the student's own global maps give targets (no grad) and references.
+                teacher_maps, attention = student_maps[:G], None
+        if masked:
+            fg = attention_foreground(torch.cat(attention)).view(G, crops[0].shape[0], 1,
+                                                                  *attention[0].shape[-2:])
+        return self.objective(student_maps, teacher_maps, boxes, fg)
+
+    def _optimizer_step(self) -> Optional[float]:
+        step = self.state.step
+        momentum = float(self.schedules.momentum[step])
+        if self.cfg.optim.ema_timing == "before_step":
+            ema_update(self.teacher, self.student, momentum)  # reference: teacher follows the pre-step student
+        grad_norm = None
+        if self.cfg.optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.optim.ema_timing == "after_step":
+            ema_update(self.teacher, self.student, momentum)
+        self.state.step += 1
+        return grad_norm
+
+    # ------------------------------------------------------------------------------------------------ fit
+    def _evaluate(self, tag: str) -> None:
+        if self.evaluator is None:
+            return
+        self.student.eval()
+        metrics = self.evaluator(self.student.backbone, tag)
+        self.student.train()
+        if metrics:
+            record = {"step": self.state.step, "epoch": self.state.epoch}
+            record.update({f"eval/{tag}/{k}": v for k, v in metrics.items()})
+            self.logger.log(record)
+            log.info("eval %s: %s", tag, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                    if isinstance(v, float)))
+
+    def fit(self) -> dict:
+        cfg, accumulate = self.cfg, self.cfg.optim.accumulate
+        last_step = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+        if self.state.step >= last_step:
+            log.info("the run is already complete at step %d; nothing to do", self.state.step)
+            return {"step": self.state.step}
+        if self.state.step == 0 and self.state.batch_in_epoch == 0 and self.evaluator and cfg.eval.before_training:
+            self._evaluate("before")
+        self.student.train()
+        self.teacher.eval()  # no dropout or stochastic depth; the teacher only moves by EMA
+        batch_size = cfg.data.batch_size
+        bar = tqdm(total=last_step, initial=self.state.step, desc="train", unit="step",
+                   disable=not cfg.logger.progress, dynamic_ncols=True)
+        window_loss, window_n, window_images, window_start = 0.0, 0, 0, time.perf_counter()
+        last_loss = float("nan")
+        while self.state.step < last_step and self.state.epoch < cfg.optim.epochs:
+            self.sampler.set_epoch(self.state.epoch, start=self.state.batch_in_epoch * batch_size)
+            micro = 0
+            for crops, boxes in self.loader:
+                if self.state.step >= last_step:
+                    break
+                self.schedules.apply(self.optimizer, self.state.step)
+                crops = [c.to(self.device, non_blocking=True) for c in crops]
+                boxes = {k: v.to(self.device, non_blocking=True) for k, v in boxes.items()}
+                loss = self.compute_loss(crops, boxes)
+                # Host-device sync, once per micro-batch: a NaN must stop the run before it reaches the weights.
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"the loss became {value} at step {self.state.step} (epoch {self.state.epoch}); the run "
+                        f"stopped and its last checkpoint in {self.run_dir / 'checkpoints'} is intact. Lower "
+                        "optim.lr_backbone, set optim.grad_clip, or use precision=fp32.")
+                self.state.batch_in_epoch += 1
+                if value == 0.0:  # the reference skips a step whose loss is exactly zero (spec 4.8)
+                    continue
+                self.scaler.scale(loss / accumulate).backward()
+                micro += 1
+                window_loss, window_n, window_images = window_loss + value, window_n + 1, window_images + len(crops[0])
+                last_loss = value
+                if micro % accumulate:
+                    continue
+                grad_norm = self._optimizer_step()
+                bar.update(1)
+                if self.state.step % cfg.logger.log_every == 0 or self.state.step == last_step:
+                    elapsed = time.perf_counter() - window_start
+                    record = self._record(window_loss / max(window_n, 1), window_images / elapsed, grad_norm)
+                    self.logger.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr_backbone']:.2e}",
+                                    img_s=f"{record['images_per_s']:.1f}")
+                    window_loss, window_n, window_images, window_start = 0.0, 0, 0, time.perf_counter()
+                if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+                    self.save()
+            else:  # the epoch ran to its end
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+                self.save()
+                every = cfg.eval.every_n_epochs
+                if every and self.state.epoch % every == 0 and self.state.epoch < cfg.optim.epochs:
+                    self._evaluate(f"epoch{self.state.epoch}")
+        bar.close()
+        self.save()
+        if self.evaluator and cfg.eval.after_training:
+            self._evaluate("after")
+        return {"step": self.state.step, "loss": last_loss}
+
+    def _record(self, loss: float, images_per_s: float, grad_norm) -> dict:
+        step = self.state.step - 1  # the values the last optimizer step used
+        groups = {g["name"]: g for g in self.optimizer.param_groups}
+        record = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "loss": loss,
+            "lr_backbone": groups.get("backbone_decay", groups.get("backbone_no_decay", {})).get("lr", 0.0),
+            "lr_head": groups["head_decay"]["lr"] if "head_decay" in groups else 0.0,
+            "wd": float(self.schedules.weight_decay[step]),
+            "momentum": float(self.schedules.momentum[step]),
+            "images_per_s": images_per_s,
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        return record

@@ -1,0 +1,9 @@
+"""Errors a user can cause and fix by changing a setting: the entry points print them without a traceback."""
+
+
+class UserError(Exception):
+    """Base class: the message names the setting to change."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value that is well-typed but not usable (unknown choice, inconsistent sizes)."""

@@ -1,0 +1,146 @@
+"""`python -m neco.train`: post-train a ViT with NeCo. Hydra composes the config from `conf/train.yaml`.
+
+    python -m neco.train backbone=dinov2_vits14 data=coco          # the published ViT-S/14 recipe
+    python -m neco.train experiment=quickstart                     # the embedded CPU demo
+    python -m neco.train -m loss.student_steepness=10,100          # a sweep, one run directory per job
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+import neco.config  # noqa: F401  (registers the config schema and resolvers)
+from neco.data.datasets import DatasetNotFound
+from neco.engine.checkpoint import find_checkpoint
+from neco.engine.log import MetricsLogger, environment_info
+from neco.engine.optim import build_optimizer, build_schedules, param_groups, select_trainable_blocks
+from neco.engine.setup import (build_loader, build_student_teacher, resolve_device, resolve_precision,
+                               seed_everything)
+from neco.engine.trainer import Trainer
+from neco.errors import UserError
+from neco.loss.neco import NeCoLoss
+from neco.models.weights import WeightsError
+
+log = logging.getLogger("neco")
+
+USER_ERRORS = (UserError, WeightsError, DatasetNotFound)
+
+
+def _quick_evaluator(cfg, run_dir: Path, device, amp_dtype):
+    """Before/after dense evaluation on the synthetic validation split (the quickstart's measure)."""
+    from neco.data.synthetic import SyntheticScenes
+    from neco.eval.quick import quick_evaluate
+
+    size, seed = cfg.data.synthetic_size, cfg.data.synthetic_seed
+    memory = SyntheticScenes("train", num_images=cfg.eval.train_images, image_size=size, seed=seed)
+    val = SyntheticScenes("val", num_images=cfg.eval.val_images, image_size=size, seed=seed)
+
+    def evaluate(backbone, tag: str) -> dict:
+        figure = run_dir / "figures" / f"segmentation_{tag}.png"
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        metrics = quick_evaluate(backbone, memory, val, cfg.eval.image_size, device, amp_dtype=amp_dtype,
+                                 figure_path=str(figure), figure_images=cfg.eval.num_figures,
+                                 progress=cfg.logger.progress)
+        return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+    return evaluate
+
+
+def _save_crops_figure(dataset, run_dir: Path) -> None:
+    from neco.viz import save_crops_figure
+
+    with torch.random.fork_rng():  # the figure must not shift the random stream the training run sees
+        crops, boxes = dataset[0]
+    save_crops_figure(crops, boxes, run_dir / "figures" / "crops.png", title="multi-crop and pairwise boxes")
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Build every component from `cfg`, resume if asked, and train. Returns the final step and loss."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    checkpoint = find_checkpoint(cfg.resume, run_dir)
+
+    dataset, sampler, loader = build_loader(cfg.data, cfg.paths, cfg.seed)
+    student, teacher = build_student_teacher(cfg.backbone, cfg.loss, cache_dir=cfg.paths.weights)
+    frozen = select_trainable_blocks(student.backbone, cfg.optim.trainable_blocks)
+    student.to(device)
+    teacher.to(device)
+    if cfg.compile:
+        student.backbone.compile()
+        teacher.backbone.compile()
+    crop_sizes = [cfg.data.global_size] * cfg.data.num_global + [cfg.data.local_size] * cfg.data.num_local
+    objective = NeCoLoss(cfg.loss, student.backbone.patch_size, crop_sizes, cfg.data.num_global,
+                         cfg.data.batch_size).to(device)
+    if cfg.loss.mask != "all" and not cfg.loss.use_teacher:
+        raise UserError("loss.mask=fg|bg needs the teacher's attention: set loss.use_teacher=true or loss.mask=all")
+
+    steps_per_epoch = len(loader) // cfg.optim.accumulate
+    effective_batch = cfg.data.batch_size * cfg.optim.accumulate
+    groups = param_groups(student.backbone, student.head, cfg.optim)
+    if cfg.optim.scale_lr_with_batch:
+        for g in groups:
+            g["base_lr"] = g["lr"] = g["base_lr"] * effective_batch / 256
+    optimizer = build_optimizer(groups, cfg.optim, device)
+    schedules = build_schedules(cfg.optim, steps_per_epoch * cfg.optim.epochs)
+
+    derived = {
+        "num_images": len(dataset), "steps_per_epoch": steps_per_epoch,
+        "total_steps": steps_per_epoch * cfg.optim.epochs, "effective_batch": effective_batch,
+        "lr": {g["name"]: g["base_lr"] for g in groups}, "frozen_parameters": len(frozen),
+        "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+    }
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    info = environment_info(device, cfg.seed) | {"derived": derived}
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+    log.info("run directory: %s", run_dir)
+    log.info("%d images, %d steps/epoch x %d epochs, effective batch %d, lr %s", len(dataset), steps_per_epoch,
+             cfg.optim.epochs, effective_batch, derived["lr"])
+
+    logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_id=cfg.run_name)
+    evaluator = _quick_evaluator(cfg, run_dir, device, amp_dtype) if cfg.eval.name == "quick" else None
+    if cfg.eval.name not in ("none", "quick"):
+        raise UserError(f"eval.name={cfg.eval.name!r}: choose none or quick")
+    trainer = Trainer(student=student, teacher=teacher, objective=objective, optimizer=optimizer,
+                      schedules=schedules, loader=loader, sampler=sampler, cfg=cfg, run_dir=run_dir,
+                      device=device, amp_dtype=amp_dtype, logger=logger, steps_per_epoch=steps_per_epoch,
+                      evaluator=evaluator)
+    if checkpoint is not None:
+        trainer.load(checkpoint)
+    else:
+        _save_crops_figure(dataset, run_dir)
+    try:
+        result = trainer.fit()
+    finally:
+        logger.close()
+    if (run_dir / "metrics.jsonl").is_file():
+        from neco.viz import plot_metrics
+
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "figures" / "loss.png", keys=("loss",))
+    return result
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    try:
+        result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return result.get("loss", float("nan"))
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    main()

@@ -1,0 +1,235 @@
+"""Quick dense evaluations: feature extraction, NN retrieval and k-means on tiny synthetic inputs."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from neco.eval.metrics import confusion_matrix, hungarian_match, iou_from_confusion, remap_confusion
+from neco.eval.quick import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    extract_dense_features,
+    kmeans_miou,
+    knn_search,
+    nn_retrieval_miou,
+    patch_label_histograms,
+    quick_evaluate,
+)
+
+PATCH = 8
+GRID = 4
+SIZE = PATCH * GRID
+NUM_CLASSES = 4
+COLORS = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230], [240, 230, 40]], dtype=np.uint8)
+
+
+def _stripe_masks(n, seed, ignore_frac=0.0):
+    """Masks (n, SIZE, SIZE) made of patch-wide vertical stripes, each stripe a random class.
+
+    Vertical stripes keep every class boundary on a patch border and never create corners, so bilinear upsampling
+    of perfect per-patch scores is still perfect at pixel level.
+    """
+    g = torch.Generator().manual_seed(seed)
+    cols = torch.randint(0, NUM_CLASSES, (n, GRID), generator=g)
+    cols[:, :NUM_CLASSES] = torch.randperm(NUM_CLASSES, generator=g)  # every class in every image
+    masks = cols.repeat_interleave(PATCH, dim=1)[:, None, :].expand(n, SIZE, SIZE).clone()
+    if ignore_frac:
+        masks[torch.rand(masks.shape, generator=g) < ignore_frac] = 255
+    return masks, cols
+
+
+class TinyScenes:
+    """Images whose stripes are coloured by class, with their masks (the dataset contract of the evaluations)."""
+
+    num_classes = NUM_CLASSES
+    ignore_index = 255
+
+    def __init__(self, n, seed, size=SIZE, image_hw=None):
+        self.masks, _ = _stripe_masks(n, seed)
+        self.size = size
+        self.image_hw = image_hw
+
+    def __len__(self):
+        return len(self.masks)
+
+    def __getitem__(self, i):
+        mask = self.masks[i]
+        if self.image_hw is not None:  # non-square originals exercise the resize path
+            mask = F.interpolate(mask[None, None].float(), size=self.image_hw, mode="nearest")[0, 0].long()
+        rgb = COLORS[mask.clamp_max(NUM_CLASSES - 1).numpy()]
+        return Image.fromarray(rgb), mask
+
+
+class PatchConv(torch.nn.Module):
+    """Stand-in backbone: a patch-embedding conv returning (B, h, w, D)."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Conv2d(3, dim, kernel_size=PATCH, stride=PATCH)
+
+    def forward(self, x):
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class PatchMean(torch.nn.Module):
+    """Features = mean normalised colour of each patch, so the preprocessing can be checked by value."""
+
+    def forward(self, x):
+        return F.avg_pool2d(x, PATCH).permute(0, 2, 3, 1)
+
+
+def test_extract_shapes_masks_and_normalisation():
+    ds = TinyScenes(5, seed=0, image_hw=(40, 48))
+    model = PatchConv()
+    model.train()
+    feats, masks = extract_dense_features(model, ds, image_size=SIZE, batch_size=2, progress=False)
+    assert feats.shape == (5, GRID, GRID, 16) and feats.dtype == torch.float32
+    assert masks.shape == (5, SIZE, SIZE) and masks.dtype == torch.long
+    assert model.training  # mode restored for callers in the middle of training
+    # Masks follow a nearest resize with pixel-centre sampling (PIL NEAREST).
+    for i in range(5):
+        ref = Image.fromarray(ds[i][1].numpy().astype(np.uint8)).resize((SIZE, SIZE), Image.NEAREST)
+        np.testing.assert_array_equal(masks[i].numpy(), np.asarray(ref))
+    # Batch size does not change the result.
+    feats_all, _ = extract_dense_features(model, ds, image_size=SIZE, batch_size=32, progress=False)
+    torch.testing.assert_close(feats, feats_all)
+
+    # Patch-mean features of a stripe image must be the ImageNet-normalised stripe colour.
+    ds_sq = TinyScenes(2, seed=1)
+    feats, masks = extract_dense_features(PatchMean(), ds_sq, image_size=SIZE, progress=False)
+    classes = masks[:, ::PATCH, ::PATCH]
+    expected = (torch.from_numpy(COLORS).float()[classes] / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(
+        IMAGENET_STD
+    )
+    torch.testing.assert_close(feats, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_extract_rejects_non_dense_model():
+    class Pooled(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    with pytest.raises(ValueError):
+        extract_dense_features(Pooled(), TinyScenes(2, 0), image_size=SIZE, progress=False)
+
+
+def test_knn_search_chunked_equals_bruteforce():
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(37, 24, generator=g), dim=1)
+    m = F.normalize(torch.randn(101, 24, generator=g), dim=1)
+    ref_s, ref_i = (q @ m.T).topk(5, dim=1)
+    for qc, mc in [(7, 13), (37, 101), (1, 3), (100, 4)]:
+        s, i = knn_search(q, m, 5, query_chunk=qc, memory_chunk=mc)
+        torch.testing.assert_close(s, ref_s)
+        assert torch.equal(i, ref_i)
+    s, i = knn_search(q, m[:3], 5)  # k larger than the memory: everything, sorted
+    assert s.shape == (37, 3) and torch.equal(i, (q @ m[:3].T).topk(3, dim=1).indices)
+
+
+def test_patch_histograms_exclude_ignore():
+    mask = torch.tensor([[0, 0, 1, 1], [0, 255, 1, 2], [255, 255, 3, 3], [255, 255, 3, 255]])
+    hist = patch_label_histograms(mask[None], (2, 2), num_classes=4)
+    assert hist.shape == (1, 2, 2, 4)
+    torch.testing.assert_close(hist[0, 0, 0], torch.tensor([1.0, 0, 0, 0]))
+    torch.testing.assert_close(hist[0, 0, 1], torch.tensor([0, 0.75, 0.25, 0]))
+    torch.testing.assert_close(hist[0, 1, 0], torch.zeros(4))  # only ignore pixels
+    torch.testing.assert_close(hist[0, 1, 1], torch.tensor([0, 0, 0, 1.0]))
+
+
+def _onehot_feats(cols, dim=8):
+    """(n, GRID, GRID, dim) features that are one-hot encodings of each patch's stripe class."""
+    onehot = F.one_hot(cols, dim).float()  # (n, GRID, dim)
+    return onehot[:, None].expand(-1, GRID, -1, -1).contiguous()
+
+
+def test_nn_retrieval_perfect_with_onehot_features():
+    train_masks, train_cols = _stripe_masks(20, seed=1, ignore_frac=0.05)
+    val_masks, val_cols = _stripe_masks(10, seed=2, ignore_frac=0.05)
+    res = nn_retrieval_miou(
+        _onehot_feats(train_cols), train_masks, _onehot_feats(val_cols), val_masks, NUM_CLASSES,
+        num_predictions=3,
+    )
+    assert res["miou"] == pytest.approx(1.0)
+    assert res["pixel_acc"] == pytest.approx(1.0)
+    assert res["per_class_iou"] == pytest.approx([1.0] * NUM_CLASSES)
+    pred = res["predictions"]
+    assert pred.shape == (3, SIZE, SIZE)
+    valid = val_masks[:3] != 255
+    assert torch.equal(pred[valid], val_masks[:3][valid])
+
+
+def test_nn_retrieval_random_features_near_chance():
+    g = torch.Generator().manual_seed(0)
+    train_masks, _ = _stripe_masks(40, seed=3)
+    val_masks, _ = _stripe_masks(20, seed=4)
+    res = nn_retrieval_miou(
+        torch.randn(40, GRID, GRID, 32, generator=g), train_masks,
+        torch.randn(20, GRID, GRID, 32, generator=g), val_masks, NUM_CLASSES,
+    )
+    # Chance for 4 balanced classes: pixel accuracy 1/4, IoU 1/7.
+    assert res["pixel_acc"] < 0.4
+    assert res["miou"] < 0.3
+
+
+def _cluster_feats(masks_tok, dim=16, seed=0, noise=0.1):
+    g = torch.Generator().manual_seed(seed)
+    centers = 10 * torch.randn(NUM_CLASSES, dim, generator=g)
+    return centers[masks_tok] + noise * torch.randn(*masks_tok.shape, dim, generator=g)
+
+
+def _block_masks(n, seed):
+    """Random class per patch, upsampled to pixels (any layout is exact under nearest upsampling)."""
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, NUM_CLASSES, (n, GRID, GRID), generator=g)
+    tok[:, 0, :NUM_CLASSES] = torch.arange(NUM_CLASSES)
+    return tok, tok.repeat_interleave(PATCH, 1).repeat_interleave(PATCH, 2)
+
+
+@pytest.mark.parametrize("pca_dim", [None, 8])
+def test_kmeans_recovers_separated_clusters(pca_dim):
+    tok, masks = _block_masks(30, seed=0)
+    masks[:, :2, :] = 255  # ignore rows are simply left out
+    feats = _cluster_feats(tok)
+    res = kmeans_miou(feats, masks, NUM_CLASSES, seeds=(0, 1), pca_dim=pca_dim, num_predictions=4)
+    assert res["miou"] == pytest.approx(1.0)
+    assert len(res["miou_per_seed"]) == 2
+    pred = res["predictions"]
+    assert pred.shape == (4, SIZE, SIZE)
+    valid = masks[:4] != 255
+    assert torch.equal(pred[valid], masks[:4][valid])
+
+
+def test_kmeans_overclustering_uses_many_to_one():
+    tok, masks = _block_masks(30, seed=1)
+    res = kmeans_miou(_cluster_feats(tok, seed=1), masks, NUM_CLASSES, k=2 * NUM_CLASSES, pca_dim=None)
+    assert res["miou"] == pytest.approx(1.0)
+
+
+def test_cluster_id_permutation_does_not_change_score():
+    tok, masks = _block_masks(20, seed=2)
+    feats = _cluster_feats(tok, seed=2, noise=6.0)  # noisy on purpose: an imperfect clustering
+    res = kmeans_miou(feats, masks, NUM_CLASSES, pca_dim=None, num_predictions=20)
+    assert res["miou"] < 1.0
+    clusters = res["predictions"]  # class ids after matching: themselves a valid clustering
+    scores = []
+    for perm in [torch.arange(NUM_CLASSES), torch.tensor([2, 0, 3, 1]), torch.tensor([3, 2, 1, 0])]:
+        conf = confusion_matrix(perm[clusters], masks, NUM_CLASSES, NUM_CLASSES)
+        scores.append(iou_from_confusion(remap_confusion(conf, hungarian_match(conf), NUM_CLASSES))[1])
+    assert scores == pytest.approx([res["miou"]] * 3)
+
+
+def test_quick_evaluate_end_to_end(tmp_path):
+    train, val = TinyScenes(24, seed=5), TinyScenes(8, seed=6)
+    fig = tmp_path / "eval.png"
+    out = quick_evaluate(PatchConv(), train, val, image_size=SIZE, figure_path=str(fig), progress=False)
+    for key in ("nn/miou", "nn/pixel_acc", "kmeans/miou", "kmeans/pixel_acc"):
+        assert isinstance(out[key], float)
+    assert len(out["nn/per_class_iou"]) == NUM_CLASSES
+    # Colour determines the class, so even a random patch embedding separates the classes.
+    assert out["nn/miou"] == pytest.approx(1.0)
+    assert out["kmeans/miou"] > 0.9
+    with Image.open(fig) as im:
+        assert im.format == "PNG" and im.width > 0
