@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -20,7 +20,8 @@ class BackboneConfig:
     name: str = "dinov2_vits14"
     # "default" (the backbone's official weights), "random" (explicit random init), a local path,
     # an https:// URL, or a released checkpoint.
-    weights: str = "default"
+    # Every backbone option sets it; presets that need your own checkpoint leave it missing (???).
+    weights: str = MISSING
     strict: bool = True
     drop_path_rate: float = 0.1  # student only; the teacher always runs without stochastic depth
 

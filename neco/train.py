@@ -16,9 +16,11 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 import neco.config  # noqa: F401  (registers the config schema and resolvers)
 from neco.data.datasets import DatasetNotFound
+from neco.data.multicrop import CropSamplingError
 from neco.engine.checkpoint import find_checkpoint
 from neco.engine.log import MetricsLogger, environment_info
 from neco.engine.optim import build_optimizer, build_schedules, param_groups, select_trainable_blocks
@@ -31,7 +33,7 @@ from neco.models.weights import WeightsError
 
 log = logging.getLogger("neco")
 
-USER_ERRORS = (UserError, WeightsError, DatasetNotFound)
+USER_ERRORS = (UserError, WeightsError, DatasetNotFound, CropSamplingError)
 
 
 def _quick_evaluator(cfg, run_dir: Path, device, amp_dtype):
@@ -135,6 +137,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 def main(cfg: DictConfig) -> float:
     try:
         result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except MissingMandatoryValue as err:
+        print(f"error: {err.full_key} must be set for this configuration (e.g. {err.full_key}=/path/to/file)",
+              file=sys.stderr)
+        sys.exit(2)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,8 +1,8 @@
 """PNG figures for runs and evaluations: multi-crop boxes, segmentations, feature PCA and training curves.
 
-Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas directly instead of ``pyplot``: that needs no
-display, leaves the process-wide backend alone for whoever imports this, and never accumulates open figures in a
-long training run.
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas directly instead of ``pyplot``: that
+needs no display, leaves the process-wide backend alone for whoever imports this, and never accumulates open
+figures in a long training run.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -33,9 +35,8 @@ _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 _IGNORE_COLOR = (0, 0, 0)
 _OUT_OF_RANGE_COLOR = (128, 128, 128)
-# Distinct, fixed colours for crops / global crops (matplotlib's "tab10").
-_CROP_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-                "#bcbd22", "#17becf"]
+# Distinct, fixed colours for the crops (matplotlib's "tab10"; index = crop id).
+_CROP_COLORS = [to_hex(c) for c in colormaps["tab10"].colors]
 
 
 def denormalize(img: torch.Tensor) -> np.ndarray:
@@ -57,12 +58,9 @@ def label_palette(num_classes: int) -> np.ndarray:
 
     None of the colours is black, which is reserved for ignore pixels.
     """
-    tab20 = [
-        (31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44), (152, 223, 138),
-        (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213), (140, 86, 75), (196, 156, 148),
-        (227, 119, 194), (247, 182, 210), (127, 127, 127), (199, 199, 199), (188, 189, 34), (219, 219, 141),
-        (23, 190, 207), (158, 218, 229),
-    ]
+    tab20 = [tuple(int(round(255 * v)) for v in c) for c in colormaps["tab20"].colors]
+    # tab20 pairs a dark and a light shade of each hue; the dark ones first keeps low class ids far apart.
+    tab20 = tab20[0::2] + tab20[1::2]
     colors = list(tab20[:num_classes])
     for i in range(len(colors), num_classes):
         hue = (i * 0.618033988749895) % 1.0
@@ -91,6 +89,10 @@ def _as_image(img) -> np.ndarray:
     return np.asarray(img)
 
 
+def _crop_color(i: int) -> str:
+    return _CROP_COLORS[i % len(_CROP_COLORS)]
+
+
 def save_crops_figure(
     crops: Sequence[torch.Tensor],
     boxes: Mapping[str, torch.Tensor],
@@ -99,9 +101,10 @@ def save_crops_figure(
 ) -> Path:
     """Show one image's multi-crop, each crop at its own relative size, with the regions each pair aligns.
 
-    ``boxes["all"][j, g]`` is the overlap of crop ``j`` with global crop ``g`` in crop ``j``'s frame (spec §1.4):
-    it is drawn solid, in global crop ``g``'s colour. On each global crop ``g`` the regions of the local crops
-    (``boxes["gc"][g, j]``) are drawn dashed in crop ``j``'s colour, so both ends of every aligned pair are visible.
+    ``boxes["all"][j, g]`` is the overlap of crop ``j`` with global crop ``g`` in crop ``j``'s frame (spec
+    §1.4): it is drawn solid, in global crop ``g``'s colour. On each global crop ``g`` the regions of the
+    local crops (``boxes["gc"][g, j]``) are drawn dashed in crop ``j``'s colour, so both ends of every aligned
+    pair are visible.
     """
     all_boxes = torch.as_tensor(boxes["all"]).detach().cpu().float()
     gc_boxes = torch.as_tensor(boxes["gc"]).detach().cpu().float() if "gc" in boxes else None
@@ -114,7 +117,6 @@ def save_crops_figure(
     fig_w = max(4.0, 3.0 * sum(widths) / largest)
     fig = Figure(figsize=(fig_w, 3.6 if title else 3.3), layout="constrained")
     axes = fig.subplots(1, n_crops, width_ratios=widths, squeeze=False)[0]
-    color = lambda i: _CROP_COLORS[i % len(_CROP_COLORS)]  # noqa: E731
     for j, (ax, im) in enumerate(zip(axes, images, strict=True)):
         h, w = im.shape[:2]
         # Extent in continuous pixel units so boxes (pixel k spans [k, k+1)) land exactly.
@@ -122,18 +124,20 @@ def save_crops_figure(
         ax.set_ylim(largest, 0)  # same vertical scale in every panel, so crop sizes compare at a glance
         ax.set_xlim(0, w)
         kind = f"global {j}" if j < n_global else f"local {j - n_global}"
-        ax.set_title(f"{kind} ({w}x{h})", fontsize=8, color=color(j))
+        ax.set_title(f"{kind} ({w}x{h})", fontsize=8, color=_crop_color(j))
         ax.axis("off")
         for g in range(n_global):
             if g == j:
                 continue
             x1, y1, x2, y2 = all_boxes[j, g].tolist()
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2.0, ec=color(g)))
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2.0, ec=_crop_color(g)))
         if gc_boxes is not None and j < n_global:
             for other in range(n_global, n_crops):
                 x1, y1, x2, y2 = gc_boxes[j, other].tolist()
-                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.2, ls="--", ec=color(other)))
-                ax.text(x1 + 2, y1 + 2, str(other), color=color(other), fontsize=7, va="top")
+                ax.add_patch(
+                    Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.2, ls="--", ec=_crop_color(other))
+                )
+                ax.text(x1 + 2, y1 + 2, str(other), color=_crop_color(other), fontsize=7, va="top")
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
@@ -165,7 +169,7 @@ def save_segmentation_figure(
 
 
 def _pca_rgb(feats: torch.Tensor) -> np.ndarray:
-    """Project ``(N, h, w, D)`` features on their first 3 principal components, scaled to [0, 1] per component."""
+    """Project ``(N, h, w, D)`` features on their top-3 principal components, each scaled to [0, 1]."""
     n, h, w, d = feats.shape
     x = feats.detach().cpu().double().reshape(-1, d)
     x = x - x.mean(dim=0)
@@ -176,7 +180,7 @@ def _pca_rgb(feats: torch.Tensor) -> np.ndarray:
     proj = x @ comps
     if proj.shape[1] < 3:
         proj = torch.cat([proj, proj.new_zeros(proj.shape[0], 3 - proj.shape[1])], dim=1)
-    # Robust per-component range: a few outlier tokens (e.g. high-norm artefacts) would otherwise wash out colours.
+    # Robust per-component range: a few outlier tokens (e.g. high-norm artefacts) would wash out the colours.
     lo = torch.quantile(proj, 0.01, dim=0)
     hi = torch.quantile(proj, 0.99, dim=0)
     rgb = ((proj - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
@@ -225,7 +229,7 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def plot_metrics(metrics_jsonl_path, out_path, keys: Sequence[str] = ("loss",)) -> Path:
-    """Curves of ``keys`` (one panel each) against ``step`` from a run's ``metrics.jsonl``, plus ``lr`` if logged."""
+    """Plot ``keys`` (a panel each) against ``step`` from a run's ``metrics.jsonl``, and ``lr`` if logged."""
     records = _read_jsonl(metrics_jsonl_path)
     panels = list(keys)
     if "lr" not in panels and _series(records, "lr")[0]:

@@ -90,8 +90,8 @@ def test_hungarian_matches_exhaustive_search(num_classes, num_pred, seed):
     mapping = hungarian_match(torch.from_numpy(conf)).tolist()
     assert len(mapping) == num_pred
     if num_pred >= num_classes:
-        # Every class gets exactly one prediction id; the leftovers fall back to class 0, so class 0's match is
-        # whichever of its ids scores best (the optimum would pick it among the leftovers).
+        # Every class gets exactly one prediction id; the leftovers fall back to class 0, so class 0's match
+        # is whichever of its ids scores best (the optimum would pick it among the leftovers).
         best = max(
             sum(_pair_iou(conf, c, k) for c, k in enumerate(preds))
             for preds in itertools.permutations(range(num_pred), num_classes)

@@ -3,10 +3,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.ops import roi_align
 
-from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, pairwise_boxes, sample_crop_boxes
+from neco.data.multicrop import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CropSamplingError,
+    MultiCrop,
+    pairwise_boxes,
+    sample_crop_boxes,
+)
 
 
 def smooth_image(seed: int, width: int = 320, height: int = 240) -> Image.Image:
@@ -24,6 +31,17 @@ def unnormalise(x: torch.Tensor) -> torch.Tensor:
 def roi7(image: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     boxes = [box[None].float()]
     return roi_align(image[None], boxes, output_size=7, spatial_scale=1.0, sampling_ratio=-1, aligned=True)[0]
+
+
+class _Mapped(Dataset):
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.transform(self.items[i])
 
 
 def intersection_area(a, b) -> int:
@@ -147,7 +165,12 @@ def test_bounded_resampling_raises_a_clear_error():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="data.min_intersection") as info:
         transform(smooth_image(0, 64, 48))
+    assert isinstance(info.value, CropSamplingError)
     assert "64x48" in str(info.value) and "data.max_resample" in str(info.value)
+    # Through a loader worker the error keeps its type, so the entry point can report it as a user error.
+    loader = DataLoader(_Mapped([smooth_image(0, 64, 48)] * 2, transform), batch_size=2, num_workers=1)
+    with pytest.raises(CropSamplingError, match="data.max_resample"):
+        next(iter(loader))
 
 
 def test_tiny_image_is_upsampled_into_valid_crops():

@@ -10,7 +10,7 @@ from neco.data.synthetic import SyntheticScenes, SyntheticTrain
 
 @pytest.fixture(scope="module")
 def scenes():
-    data = SyntheticScenes(split="train", num_images=48, image_size=96, seed=0)
+    data = SyntheticScenes(split="train", num_images=96, image_size=96, seed=0)
     return data, [data[i] for i in range(len(data))]
 
 
@@ -46,7 +46,7 @@ def test_seeds_and_splits_give_different_scenes():
         SyntheticScenes("validation")
 
 
-def test_every_class_appears_and_objects_overlap(scenes):
+def test_every_class_appears(scenes):
     data, items = scenes
     counts = np.bincount(torch.stack([m for _, m in items]).flatten().numpy(), minlength=data.num_classes)
     assert (counts > 0).all(), counts
@@ -55,7 +55,8 @@ def test_every_class_appears_and_objects_overlap(scenes):
 
 
 def test_colour_does_not_give_the_class_away(scenes):
-    """Per-object mean colours of every class spread over the same range; class means nearly coincide."""
+    """Per-object mean colours of every class spread over the same range; class means nearly coincide
+    (within ~3 standard errors of ~30 objects per class)."""
     data, items = scenes
     per_class = {c: [] for c in range(data.num_classes)}
     for image, mask in items:

@@ -91,7 +91,7 @@ def test_plot_metrics(tmp_path):
     log = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 5.0 / (s + 1), "lr": 1e-4 * min(1, s / 10)}) for s in range(50)]
     lines.insert(10, json.dumps({"step": 9, "val/miou": 0.3}))  # records without the key are skipped
-    log.write_text("\n".join(lines) + "\n{\"step\": 51, \"loss\"")  # truncated last line tolerated
+    log.write_text("\n".join(lines) + '\n{"step": 51, "loss"')  # truncated last line tolerated
     w1, h1 = _png_size(plot_metrics(log, tmp_path / "loss.png"))
     w2, h2 = _png_size(plot_metrics(log, tmp_path / "loss2.png", keys=("loss", "val/miou", "missing")))
     assert h2 > h1 and w1 == w2

@@ -13,13 +13,21 @@ from .datasets import (
     load_rgb,
     voc_trainaug,
 )
-from .multicrop import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, pairwise_boxes, sample_crop_boxes
+from .multicrop import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CropSamplingError,
+    MultiCrop,
+    pairwise_boxes,
+    sample_crop_boxes,
+)
 from .synthetic import SyntheticScenes, SyntheticTrain
 
 __all__ = [
     "IMAGENET100_WNIDS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "CropSamplingError",
     "DatasetNotFound",
     "ImageFileDataset",
     "ImageFolderDataset",

@@ -22,6 +22,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class CropSamplingError(ValueError):
+    """No crop met the overlap rule within ``max_resample`` redraws (fixable in the data config)."""
+
+
 def _crop_params(width: int, height: int, scale: Sequence[float], ratio: Sequence[float]) -> tuple:
     """One RandomResizedCrop draw ``(top, left, h, w)`` from torchvision itself, from the global torch RNG."""
     # get_params only reads the image's dimensions; an empty tensor of the right shape costs no memory.
@@ -51,7 +55,8 @@ def sample_crop_boxes(
     Crops are drawn in the order global 0..G-1, then local. A crop is redrawn while its intersection area
     with any earlier global crop is ``<= int(A * min_intersection)`` (A = image area); global crops after
     the first need twice that (the spec's rule for the second global crop, extended to any further ones).
-    After ``max_resample`` redraws of one crop a ``ValueError`` is raised instead of looping forever.
+    After ``max_resample`` redraws of one crop a :class:`CropSamplingError` (a ``ValueError``) is raised
+    instead of looping forever (the reference loops without bound, spec §10.12).
     """
     if width < 1 or height < 1:
         raise ValueError(f"cannot crop an empty image of size {width}x{height}")
@@ -61,19 +66,20 @@ def sample_crop_boxes(
         is_global = i < num_global
         scale = global_scale if is_global else local_scale
         required = 2 * need if (is_global and i >= 1) else need
+        earlier_globals = boxes[: min(i, num_global)]
         for _attempt in range(max_resample + 1):
             top, left, h, w = _crop_params(width, height, scale, ratio)
             box = [left, top, left + w, top + h]
-            earlier_globals = boxes[: min(i, num_global)]
             if all(_intersection_area(box, g) > required for g in earlier_globals):
                 break
         else:
             kind = "global" if is_global else "local"
-            raise ValueError(
+            doubled = ", doubled for later global crops" if is_global else ""
+            raise CropSamplingError(
                 f"a {width}x{height} image could not yield {kind} crop {i} overlapping every earlier global "
-                f"crop by more than {required} px (min_intersection={min_intersection} of the image area"
-                f"{', doubled for later global crops' if is_global else ''}) after {max_resample} resamples; "
-                "lower data.min_intersection or raise data.max_resample (or widen the crop scales)"
+                f"crop by more than {required} square pixels (min_intersection={min_intersection} of the "
+                f"image area{doubled}) after {max_resample} resamples; lower data.min_intersection or raise "
+                "data.max_resample (or widen the crop scales)"
             )
         boxes.append(box)
     return torch.tensor(boxes, dtype=torch.int64).reshape(-1, 4)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from neco.data.datasets import build_train_dataset
+from neco.data.datasets import TRAIN_DATASETS, build_train_dataset
 from neco.data.multicrop import MultiCrop
 from neco.data.sampler import ResumableSampler
 from neco.errors import ConfigError
@@ -67,10 +67,11 @@ def build_loader(data_cfg, paths, seed: int, rank: int = 0, world_size: int = 1)
     iterator is created, so a resumed run draws exactly the random numbers of the uninterrupted one."""
     synthetic = {"split": "train", "num_images": data_cfg.synthetic_images, "image_size": data_cfg.synthetic_size,
                  "seed": data_cfg.synthetic_seed}
-    try:
-        dataset = build_train_dataset(data_cfg.name, dataset_roots(paths), build_multicrop(data_cfg), synthetic)
-    except ValueError as err:  # an unknown dataset name
-        raise ConfigError(f"data.name: {err}") from None
+    parts = [p.strip() for p in data_cfg.name.replace(",", "+").split("+")]
+    if not all(p in TRAIN_DATASETS or p in ("imagenet100k",) for p in parts):
+        raise ConfigError(f"data.name={data_cfg.name!r}: choose {', '.join(TRAIN_DATASETS)} or several joined "
+                          "by '+' (e.g. coco+imagenet100)")
+    dataset = build_train_dataset(data_cfg.name, dataset_roots(paths), build_multicrop(data_cfg), synthetic)
     sampler = ResumableSampler(len(dataset), shuffle=data_cfg.shuffle, seed=seed, rank=rank, world_size=world_size)
     loader = DataLoader(
         dataset, batch_size=data_cfg.batch_size, sampler=sampler, num_workers=data_cfg.num_workers,

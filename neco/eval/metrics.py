@@ -2,7 +2,7 @@
 
 Conventions used throughout:
 
-* A confusion matrix is indexed ``conf[gt_class, pred_id]`` and counts valid pixels (``target != ignore_index``).
+* A confusion matrix is indexed ``conf[gt_class, pred_id]`` and counts valid pixels (target not ignored).
   Prediction ids need not be classes: for clustering they are cluster ids, and the matrix is rectangular
   ``(num_classes, num_pred)`` until a matching turns it into a square ``(num_classes, num_classes)`` one.
 * A matching is a ``LongTensor`` of length ``num_pred`` giving the class of every prediction id.
@@ -34,27 +34,28 @@ def confusion_matrix(
 ) -> torch.Tensor:
     """Count ``(target, pred)`` pairs over the valid pixels of two same-shaped label tensors.
 
-    Returns a ``LongTensor`` of shape ``(num_classes, num_pred)`` on the inputs' device. Pixels whose target is
-    ``ignore_index`` are dropped; any other target or prediction outside its range is an error rather than being
-    silently folded into a neighbouring cell by the flat bincount.
+    Returns a ``LongTensor`` of shape ``(num_classes, num_pred)`` on the inputs' device. Pixels whose target
+    is ``ignore_index`` are dropped; any other target or prediction outside its range is an error rather than
+    being silently folded into a neighbouring cell by the flat bincount.
     """
     if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+        raise ValueError(
+            f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape"
+        )
     pred = pred.reshape(-1).long()
     target = target.reshape(-1).to(pred.device).long()
-    if ignore_index is not None:
-        valid = target != ignore_index
-        pred, target = pred[valid], target[valid]
-    if target.numel() > 0:
-        # One combined reduction keeps the host/device synchronisation to a single point.
-        bad = ((target < 0) | (target >= num_classes) | (pred < 0) | (pred >= num_pred)).any()
-        if bool(bad):
-            raise ValueError(
-                f"labels out of range: targets must lie in [0, {num_classes}) (or be ignore_index="
-                f"{ignore_index}) and predictions in [0, {num_pred})"
-            )
-    flat = target * num_pred + pred
-    counts = torch.bincount(flat, minlength=num_classes * num_pred)
+    valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+    # One combined reduction keeps the host/device synchronisation to a single point.
+    bad = valid & ((target < 0) | (target >= num_classes) | (pred < 0) | (pred >= num_pred))
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels out of range: targets must lie in [0, {num_classes}) (or be ignore_index="
+            f"{ignore_index}) and predictions in [0, {num_pred})"
+        )
+    # Ignored pixels are counted in one extra bin that is dropped, rather than gathered out with a mask.
+    size = num_classes * num_pred
+    flat = torch.where(valid, target * num_pred + pred, size)
+    counts = torch.bincount(flat, minlength=size + 1)[:size]
     return counts.reshape(num_classes, num_pred)
 
 
@@ -83,8 +84,9 @@ def _iou_matrix(conf: torch.Tensor) -> np.ndarray:
 def hungarian_match(conf: torch.Tensor) -> torch.Tensor:
     """One-to-one matching of prediction ids to classes maximising the summed IoU.
 
-    ``conf`` is ``(num_classes, num_pred)``; when there are more prediction ids than classes the unmatched ids are
-    mapped to class 0 (as the reference does), when there are fewer some classes simply receive no prediction.
+    ``conf`` is ``(num_classes, num_pred)``; when there are more prediction ids than classes the unmatched ids
+    are mapped to class 0 (as the reference does), when there are fewer some classes simply receive no
+    prediction.
     """
     iou = _iou_matrix(conf)
     rows, cols = linear_sum_assignment(1.0 - iou)
@@ -96,8 +98,8 @@ def hungarian_match(conf: torch.Tensor) -> torch.Tensor:
 def many_to_one_match(conf: torch.Tensor, criterion: str = "precision") -> torch.Tensor:
     """Map every prediction id independently to its best class (ties -> lowest class id).
 
-    ``precision`` is the majority vote: the class holding most of the cluster's pixels. ``iou`` picks the class with
-    the highest IoU against the cluster. Empty clusters go to class 0.
+    ``precision`` is the majority vote: the class holding most of the cluster's pixels. ``iou`` picks the
+    class with the highest IoU against the cluster. Empty clusters go to class 0.
     """
     if criterion == "precision":
         # Integer counts, not ratios: ties are then exact and argmax returns the first (lowest) class.
@@ -111,7 +113,7 @@ def many_to_one_match(conf: torch.Tensor, criterion: str = "precision") -> torch
 
 
 def remap_confusion(conf: torch.Tensor, mapping: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Merge the prediction-id columns of ``conf`` into class columns: ``out[:, mapping[k]] += conf[:, k]``."""
+    """Merge prediction-id columns into class columns: ``out[:, mapping[k]] += conf[:, k]``."""
     mapping = torch.as_tensor(mapping, dtype=torch.long, device=conf.device)
     if mapping.numel() != conf.shape[1]:
         raise ValueError(f"mapping has {mapping.numel()} entries for {conf.shape[1]} prediction ids")

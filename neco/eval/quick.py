@@ -1,10 +1,12 @@
 """Small, exact dense evaluations for quick checks: NN retrieval (§6.3) and k-means (§6.1/§6.2).
 
 These are deliberately reduced versions of the full protocols (no augmented memory, no memory sampling, one
-k-means restart by default) so that a few hundred small images evaluate in seconds on a CPU, e.g. in the quickstart
-and in the trainer's before/after comparison. Datasets yield ``(PIL RGB image, LongTensor mask (H, W))`` and expose
-``num_classes`` and ``ignore_index``; the model maps a normalised ``(B, 3, S, S)`` batch to final-norm patch tokens
-``(B, h, w, D)`` (no CLS / registers), which is the backbone contract of this project.
+k-means restart by default) so that a few hundred small images evaluate in seconds on a CPU, e.g. in the
+quickstart and in the trainer's before/after comparison.
+
+Datasets yield ``(PIL RGB image, LongTensor mask (H, W))`` and expose ``num_classes`` and ``ignore_index``.
+The model maps a normalised ``(B, 3, S, S)`` batch to final-norm patch tokens ``(B, h, w, D)`` (no CLS, no
+registers), which is the backbone contract of this project.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import functional as TF
+from PIL import Image
 from tqdm.auto import tqdm
 
 from neco.eval.metrics import (
@@ -36,6 +38,7 @@ __all__ = [
     "knn_search",
     "patch_label_histograms",
     "nn_retrieval_miou",
+    "kmeans_plus_plus",
     "kmeans_miou",
     "quick_evaluate",
 ]
@@ -43,15 +46,15 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Rough cap on the (queries x memory) similarity block; keeps the search's peak memory bounded whatever the split.
+# Rough cap on the (queries x memory) similarity block: the search's peak memory stays bounded for any split.
 _SIM_BLOCK_ELEMENTS = 1 << 24
 
 
 def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest resize of integer label maps ``(..., H, W)``.
+    """Nearest resize of integer label maps ``(..., H, W)`` (used for cluster maps at token resolution).
 
-    ``nearest-exact`` samples at pixel centres, which is what PIL's NEAREST (used by the reference loaders) does;
-    plain ``nearest`` would shift every label by half a source pixel when downsampling.
+    ``nearest-exact`` samples at pixel centres like PIL's NEAREST, which resizes the ground-truth masks; plain
+    ``nearest`` would shift labels by half a source pixel when downsampling.
     """
     lead = mask.shape[:-2]
     flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()  # labels < 2**24 are exact in float32
@@ -60,15 +63,23 @@ def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def load_eval_batch(dataset, indices: Sequence[int], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``(B, 3, S, S)`` (antialiased bilinear, ImageNet-normalised) and masks ``(B, S, S)`` (nearest)."""
+    """Images ``(B, 3, S, S)`` (antialiased bilinear, ImageNet-normalised), masks ``(B, S, S)`` (nearest).
+
+    Resizing is done by PIL, as the reference loaders do (its bilinear filter widens with the scale, i.e. is
+    antialiased), and the arithmetic on the stacked batch: per-image torch ops on small tensors are dominated
+    by thread-pool overhead on a busy CPU.
+    """
     images, masks = [], []
     for i in indices:
         img, mask = dataset[i]
-        x = TF.pil_to_tensor(img.convert("RGB")).float().div_(255.0)
-        x = TF.resize(x, [image_size, image_size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        images.append(TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD))
-        masks.append(_resize_mask(torch.as_tensor(mask), (image_size, image_size)))
-    return torch.stack(images), torch.stack(masks)
+        img = img.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+        images.append(np.asarray(img))
+        mask = Image.fromarray(np.asarray(mask, dtype=np.int32))  # mode "I": any label value survives
+        masks.append(np.asarray(mask.resize((image_size, image_size), Image.Resampling.NEAREST)))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std), torch.from_numpy(np.stack(masks)).long()
 
 
 def _show_progress(progress: bool | None) -> bool:
@@ -86,10 +97,10 @@ def extract_dense_features(
     amp_dtype: torch.dtype | None = None,
     progress: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` over ``dataset``; returns features ``(N, h, w, D)`` float32 and masks ``(N, S, S)`` on CPU.
+    """Run ``model`` over ``dataset``; returns CPU features ``(N, h, w, D)`` float32 and masks ``(N, S, S)``.
 
-    The model is put in eval mode for the pass and restored to its previous mode afterwards, so the trainer can call
-    this in the middle of a run.
+    The model is put in eval mode for the pass and restored to its previous mode afterwards, so the trainer
+    can call this in the middle of a run.
     """
     device = torch.device(device)
     was_training = model.training
@@ -130,8 +141,8 @@ def knn_search(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` inner-product search; returns ``(similarities (Q, k), indices (Q, k))``, best first.
 
-    Queries are processed in chunks and, for a large memory, the memory too, merging running top-k lists, so the
-    largest temporary is ``query_chunk x (memory_chunk + k)`` whatever the sizes.
+    Queries are processed in chunks and, for a large memory, the memory too, merging running top-k lists, so
+    the largest temporary is ``query_chunk x (memory_chunk + k)`` whatever the sizes.
     """
     q_total, m_total = queries.shape[0], memory.shape[0]
     k = min(k, m_total)
@@ -161,22 +172,25 @@ def patch_label_histograms(
 ) -> torch.Tensor:
     """Class-frequency histogram of the pixels under every patch: ``(N, h, w, C)``, rows summing to 1.
 
-    Ignore pixels are left out of the histogram (a patch made only of them gets an all-zero row and so contributes
-    nothing as a neighbour). Pixel ``(y, x)`` belongs to patch ``(y * h // H, x * w // W)``, which is the exact
-    patch partition when the mask size is a multiple of the grid.
+    Ignore pixels are left out of the histogram (a patch made only of them gets an all-zero row and so
+    contributes nothing as a neighbour). Pixel ``(y, x)`` belongs to patch ``(y * h // H, x * w // W)``, which
+    is the exact patch partition when the mask size is a multiple of the grid.
     """
     n, H, W = masks.shape
     h, w = grid
     py = (torch.arange(H) * h // H).view(1, H, 1)
     px = (torch.arange(W) * w // W).view(1, 1, W)
     img = torch.arange(n).view(n, 1, 1)
-    cell = ((img * h + py) * w + px).expand(n, H, W)
+    cell = (img * h + py) * w + px
     labels = masks.long()
     valid = (labels >= 0) & (labels < num_classes)
     if ignore_index is not None:
         valid &= labels != ignore_index
-    flat = cell[valid] * num_classes + labels[valid]
-    counts = torch.bincount(flat, minlength=n * h * w * num_classes).float().view(n, h, w, num_classes)
+    # Invalid pixels go to an extra class column that is dropped afterwards: cheaper than gathering the
+    # valid pixels with a boolean index.
+    flat = cell * (num_classes + 1) + torch.where(valid, labels, num_classes)
+    counts = torch.bincount(flat.reshape(-1), minlength=n * h * w * (num_classes + 1))
+    counts = counts.view(n, h, w, num_classes + 1)[..., :num_classes].float()
     return counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
 
 
@@ -194,8 +208,8 @@ def nn_retrieval_miou(
 ) -> dict:
     """Hummingbird-style dense NN label transfer from the train patches to every val patch, scored by mIoU.
 
-    Returns ``{"miou", "pixel_acc", "per_class_iou"}`` and, when ``num_predictions > 0``, ``"predictions"``: the
-    predicted label maps ``(num_predictions, H, W)`` of the first val images.
+    Returns ``{"miou", "pixel_acc", "per_class_iou"}`` and, when ``num_predictions > 0``, ``"predictions"``:
+    the predicted label maps ``(num_predictions, H, W)`` of the first val images.
     """
     n_val, h, w, d = val_feats.shape
     hist = patch_label_histograms(train_masks, train_feats.shape[1:3], num_classes, ignore_index)
@@ -223,8 +237,22 @@ def nn_retrieval_miou(
     return out
 
 
+@contextlib.contextmanager
+def _faiss_threads(threads: int | None):
+    """Temporarily cap faiss's OpenMP threads (``None`` leaves them alone), restoring the previous value."""
+    if threads is None:
+        yield
+        return
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
 def _standardise_and_project(x: np.ndarray, pca_dim: int | None) -> np.ndarray:
-    """Per-dimension standardisation (population std + 1e-5), then centred PCA without whitening (spec §6.1)."""
+    """Per-dimension standardisation (population std + 1e-5), then centred PCA, no whitening (spec §6.1)."""
     x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-5)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if pca_dim is not None and pca_dim < x.shape[1]:
@@ -232,6 +260,58 @@ def _standardise_and_project(x: np.ndarray, pca_dim: int | None) -> np.ndarray:
         pca.train(x)
         x = pca.apply(x)
     return x
+
+
+def kmeans_plus_plus(x: np.ndarray, k: int, seed: int, max_points: int = 10_000) -> np.ndarray:
+    """Greedy k-means++ seeding of ``k`` centroids from the rows of ``x``.
+
+    faiss seeds with ``k`` uniformly drawn points, which with a single restart regularly puts two seeds in
+    one cluster and merges two others; on the small, few-cluster sets of a quick evaluation that swings the
+    score by tens of mIoU points between seeds. Plain D^2 sampling still does that now and then, so every
+    step draws ``2 + log k`` candidates and keeps the one that lowers the potential most (the greedy variant
+    used by scikit-learn). Seeding only needs a spread-out set, so it runs on at most ``max_points`` rows.
+    """
+    rng = np.random.default_rng(seed)
+    if x.shape[0] > max(max_points, k):
+        x = x[rng.choice(x.shape[0], max(max_points, k), replace=False)]
+    n = x.shape[0]
+    x64 = x.astype(np.float64)
+    sq = (x64**2).sum(axis=1)
+    trials = 2 + int(np.log(k))
+    centers = np.empty((k, x.shape[1]), dtype=np.float32)
+    first = rng.integers(n)
+    centers[0] = x[first]
+    d2 = np.maximum(sq + sq[first] - 2.0 * x64 @ x64[first], 0.0)
+    for c in range(1, k):
+        total = d2.sum()
+        cand = rng.choice(n, size=trials, p=d2 / total) if total > 0 else rng.integers(n, size=trials)
+        # |x - c|^2 through one matmul: (trials, n) without a (trials, n, dim) temporary.
+        dist = np.maximum(sq[None] + sq[cand][:, None] - 2.0 * x64[cand] @ x64.T, 0.0)
+        cand_d2 = np.minimum(d2[None], dist)
+        best = int(np.argmin(cand_d2.sum(axis=1)))
+        centers[c] = x[cand[best]]
+        d2 = cand_d2[best]
+    return centers
+
+
+def _kmeans_assign(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, init: str) -> np.ndarray:
+    """Cluster id of every row of ``x``: faiss Lloyd iterations, best objective over ``nredo`` restarts."""
+    best_obj, best_assign = np.inf, None
+    for redo in range(nredo):
+        run_seed = seed * 1000 + redo
+        # Small sets are expected here, so faiss's "provide at least 39 points per centroid" warning is noise.
+        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=run_seed, verbose=False, min_points_per_centroid=1)
+        if init == "k-means++":
+            km.train(x, init_centroids=kmeans_plus_plus(x, k, run_seed))
+        elif init == "random":
+            km.train(x)
+        else:
+            raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+        dist, assign = km.index.search(x, 1)
+        obj = float(dist.sum())
+        if obj < best_obj:
+            best_obj, best_assign = obj, assign[:, 0]
+    return best_assign
 
 
 def kmeans_miou(
@@ -244,25 +324,31 @@ def kmeans_miou(
     pca_dim: int | None = 50,
     ignore_index: int | None = 255,
     nredo: int = 1,
+    init: str = "k-means++",
     num_predictions: int = 0,
+    threads: int | None = 1,
 ) -> dict:
     """Cluster the val patch features with k-means and score the clusters against the masks.
 
-    ``k == num_classes`` (the default) uses Hungarian matching, any other ``k`` many-to-one precision matching.
-    Metrics are averaged over ``seeds``; ``"predictions"`` (the class maps of the first ``num_predictions``
-    images, after matching) come from the first seed.
+    ``k == num_classes`` (the default) uses Hungarian matching, any other ``k`` many-to-one precision
+    matching. Metrics are averaged over ``seeds``; ``"predictions"`` (the class maps of the first
+    ``num_predictions`` images, after matching) come from the first seed. Seeding is greedy k-means++;
+    ``init="random"`` gives faiss's own uniform seeding, as the reference uses.
+
+    ``threads`` caps faiss's threads for the call: these sets are small, and on a shared CPU multi-threaded
+    faiss spins at its barriers, measured 10-60x slower than one thread here (``None``: faiss's default).
     """
     k = num_classes if k is None else k
     n, h, w, d = val_feats.shape
-    x = _standardise_and_project(val_feats.reshape(-1, d).double().numpy(), pca_dim)
+    with _faiss_threads(threads):
+        x = _standardise_and_project(val_feats.reshape(-1, d).double().numpy(), pca_dim)
     if x.shape[0] < k:
         raise ValueError(f"k-means with k={k} needs at least k patches, got {x.shape[0]}")
     size = tuple(val_masks.shape[-2:])
     mious, accs, per_class, preds = [], [], [], None
     for seed in seeds:
-        km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, seed=int(seed), verbose=False)
-        km.train(x)
-        _, assign = km.index.search(x, 1)
+        with _faiss_threads(threads):
+            assign = _kmeans_assign(x, k, int(seed), niter, nredo, init)
         clusters = _resize_mask(torch.from_numpy(assign.reshape(n, h, w).astype(np.int64)), size)
         conf = confusion_matrix(clusters, val_masks, k, num_classes, ignore_index)
         mapping = hungarian_match(conf) if k == num_classes else many_to_one_match(conf, "precision")
@@ -300,34 +386,47 @@ def quick_evaluate(
     pca_dim: int | None = 50,
     figure_path: str | None = None,
     figure_images: int = 4,
+    per_class: bool = False,
     progress: bool | None = None,
 ) -> dict:
     """NN-retrieval and k-means mIoU of ``model`` on ``val_set`` (memory from ``train_set``), as flat keys.
 
-    With ``figure_path`` a PNG of the first ``figure_images`` val images (image / truth / NN / k-means) is written.
+    The result holds only scalars (``nn/miou``, ``nn/pixel_acc``, ``kmeans/miou``, ``kmeans/pixel_acc``) so a
+    metrics logger can take it as is; ``per_class=True`` adds the per-class IoU lists (``*/per_class_iou``).
+
+    With ``figure_path``, a PNG of the first ``figure_images`` val images (image / truth / NN / k-means) is
+    written there.
     """
     num_classes, ignore_index = val_set.num_classes, val_set.ignore_index
-    extract = dict(image_size=image_size, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
-                   progress=progress)
+    extract = dict(
+        image_size=image_size, batch_size=batch_size, device=device, amp_dtype=amp_dtype, progress=progress
+    )
     train_feats, train_masks = extract_dense_features(model, train_set, **extract)
     val_feats, val_masks = extract_dense_features(model, val_set, **extract)
     n_fig = min(figure_images, len(val_set)) if figure_path else 0
-    nn = nn_retrieval_miou(train_feats, train_masks, val_feats, val_masks, num_classes, k=nn_k,
-                           temperature=temperature, ignore_index=ignore_index, num_predictions=n_fig)
-    km = kmeans_miou(val_feats, val_masks, num_classes, k=kmeans_k, seeds=kmeans_seeds, niter=kmeans_niter,
-                     pca_dim=pca_dim, ignore_index=ignore_index, num_predictions=n_fig)
+    common = dict(ignore_index=ignore_index, num_predictions=n_fig)
+    nn = nn_retrieval_miou(
+        train_feats, train_masks, val_feats, val_masks, num_classes, k=nn_k, temperature=temperature, **common
+    )
+    km_args = dict(k=kmeans_k, seeds=kmeans_seeds, niter=kmeans_niter, pca_dim=pca_dim)
+    km = kmeans_miou(val_feats, val_masks, num_classes, **km_args, **common)
     out = {}
     for prefix, res in (("nn", nn), ("kmeans", km)):
         out[f"{prefix}/miou"] = res["miou"]
         out[f"{prefix}/pixel_acc"] = res["pixel_acc"]
-        out[f"{prefix}/per_class_iou"] = res["per_class_iou"]
+        if per_class:
+            out[f"{prefix}/per_class_iou"] = res["per_class_iou"]
     if n_fig:
         # Imported here so that evaluation without figures never touches matplotlib.
         from neco.viz import save_segmentation_figure
 
         images, masks = load_eval_batch(val_set, range(n_fig), image_size)
         save_segmentation_figure(
-            images, masks, {"NN retrieval": nn["predictions"], "k-means": km["predictions"]},
-            figure_path, num_classes=num_classes, ignore_index=ignore_index,
+            images,
+            masks,
+            {"NN retrieval": nn["predictions"], "k-means": km["predictions"]},
+            figure_path,
+            num_classes=num_classes,
+            ignore_index=ignore_index,
         )
     return out

@@ -1,0 +1,15 @@
+"""Backbones, their weights, and the projection head."""
+
+from neco.models.backbone import BACKBONES, Backbone, BackboneSpec, build_backbone, interpolate_pos_embed
+from neco.models.head import ProjectionHead
+from neco.models.weights import WeightsError
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "BackboneSpec",
+    "ProjectionHead",
+    "WeightsError",
+    "build_backbone",
+    "interpolate_pos_embed",
+]

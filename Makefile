@@ -1,0 +1,43 @@
+# Run `make help` for the list of targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On x86_64 these releases install from local wheels; elsewhere pip picks the newest torch for the platform.
+ifeq ($(shell uname -m),x86_64)
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+else
+TORCH ?= torch torchvision
+endif
+RUN_STAMP := $(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: help install quickstart starter test test-all lint clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## create .venv with torch and this package (editable, with the dev extra)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+quickstart: install ## post-train a small ViT with NeCo on synthetic scenes (CPU, a few minutes) and evaluate it
+	$(BIN)/python -m neco.train experiment=quickstart run_name=quickstart-$(RUN_STAMP)
+
+starter: install ## regenerate the quickstart's starting checkpoint (neco/assets/vit_tiny_synthetic.pt)
+	$(BIN)/python -m neco.starter
+
+test: install ## run the default test suite (CPU; no GPU, SLURM or multi-process tests)
+	$(BIN)/python -m pytest -q --durations=15
+
+test-all: install ## the default suite plus the slurm and ddp tests (needs launchers/local_slurm.sh start)
+	$(BIN)/python -m pytest -q -m "slurm or ddp or not gpu"
+
+lint: install ## ruff
+	$(BIN)/ruff check neco tests launchers
+
+clean: ## remove outputs of local runs (not the virtual environment)
+	rm -rf outputs multirun .pytest_cache

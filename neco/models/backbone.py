@@ -1,0 +1,284 @@
+"""ViT backbones (DINO, DINOv2, DINOv2 with registers, a tiny test ViT) built through timm.
+
+``Backbone`` owns timm's modules under timm's names, so ``Backbone.state_dict()`` is a plain timm
+``VisionTransformer`` state dict. Its forward is our own, on top of those modules, because the position
+embeddings must be interpolated exactly as the DINO/DINOv2 code does (spec §2.3), which timm's
+``dynamic_img_size`` path does not do (it resizes to a target size with antialiasing).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from neco.models.weights import (
+    extract_backbone_state,
+    load_checked,
+    read_checkpoint,
+    resolve_weights,
+    to_timm_layout,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One entry of the backbone registry."""
+
+    timm_name: str
+    patch_size: int
+    embed_dim: int
+    family: str  # "dinov2" | "dino" | "tiny"
+    num_register_tokens: int = 0
+    img_size: int = 224  # the image size the stored position-embedding grid is built for
+    weights_url: str | None = None  # official weights used by backbone.weights=default
+    weights_format: str | None = None  # "dinov2_hub" | "dino_full": layout of the official file
+    drop_registers: bool = False  # XR: the official weights have registers, the model has none
+    timm_kwargs: dict = field(default_factory=dict)  # overrides of the timm model's constructor arguments
+
+
+def _dinov2_url(size: str, reg: bool) -> str:
+    name = f"dinov2_vit{size}14"
+    return f"https://dl.fbaipublicfiles.com/dinov2/{name}/{name}{'_reg4' if reg else ''}_pretrain.pth"
+
+
+def _dino_url(name: str) -> str:
+    return f"https://dl.fbaipublicfiles.com/dino/{name}/{name}_full_checkpoint.pth"
+
+
+def _registry() -> dict[str, BackboneSpec]:
+    specs: dict[str, BackboneSpec] = {}
+    # LayerScale starts at 1.0 as in NeCo's constructor (spec §2.2); pretrained weights overwrite it.
+    # timm's ViT-g/14 uses SwiGLU like the official model (the reference's plain MLP is spec §10 item 20).
+    sizes = (("s", "small", 384), ("b", "base", 768), ("l", "large", 1024), ("g", "giant", 1536))
+    for size, word, dim in sizes:
+        common = dict(patch_size=14, embed_dim=dim, family="dinov2", img_size=518,
+                      weights_format="dinov2_hub", timm_kwargs={"init_values": 1.0})
+        plain, reg = f"vit_{word}_patch14_dinov2", f"vit_{word}_patch14_reg4_dinov2"
+        specs[f"dinov2_vit{size}14"] = BackboneSpec(plain, weights_url=_dinov2_url(size, False), **common)
+        specs[f"dinov2_vit{size}14_reg"] = BackboneSpec(
+            reg, num_register_tokens=4, weights_url=_dinov2_url(size, True), **common)
+        specs[f"dinov2_vit{size}14_xr"] = BackboneSpec(
+            plain, weights_url=_dinov2_url(size, True), drop_registers=True, **common)
+    for name, timm_name, patch, dim, file in (
+        ("dino_vits16", "vit_small_patch16_224", 16, 384, "dino_deitsmall16_pretrain"),
+        ("dino_vits8", "vit_small_patch8_224", 8, 384, "dino_deitsmall8_pretrain"),
+        ("dino_vitb16", "vit_base_patch16_224", 16, 768, "dino_vitbase16_pretrain"),
+        ("dino_vitb8", "vit_base_patch8_224", 8, 768, "dino_vitbase8_pretrain"),
+    ):
+        specs[name] = BackboneSpec(timm_name, patch, dim, "dino", weights_url=_dino_url(file),
+                                   weights_format="dino_full")
+    # Random-init ViT for tests and the CPU quickstart: DINOv2-like blocks (LayerScale), sized for 32-112 px.
+    # Depth 4 keeps a forward+backward of 64 crops of 64 px plus 256 of 32 px near one second on 2 cores.
+    specs["vit_tiny"] = BackboneSpec(
+        "vit_tiny_patch16_224", 8, 128, "tiny", img_size=112,
+        timm_kwargs={"patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4, "init_values": 1.0},
+    )
+    return specs
+
+
+BACKBONES: dict[str, BackboneSpec] = _registry()
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone '{name}'. Valid names: {', '.join(BACKBONES)}.")
+    return BACKBONES[name]
+
+
+def create_vit(spec: BackboneSpec, drop_path_rate: float = 0.0, img_size: int | None = None) -> nn.Module:
+    """The randomly initialised timm ``VisionTransformer`` of a registry entry (no download, no head)."""
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    kwargs = dict(num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path_rate,
+                  img_size=img_size or spec.img_size)
+    # timm spaces the per-block drop-path rates linearly from 0 to drop_path_rate, as DINO/DINOv2 do (§2.4).
+    return timm.create_model(spec.timm_name, pretrained=False, **{**kwargs, **spec.timm_kwargs})
+
+
+def interpolate_pos_embed(patch_pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Resize a square grid of patch position embeddings ``(1, M*M, D)`` to ``(1, h*w, D)`` (spec §2.3).
+
+    This is DINO's and DINOv2's formula: bicubic with a *scale factor* of ``(h + 0.1) / M`` (rows) and
+    ``(w + 0.1) / M`` (columns), no antialiasing, in float32. The 0.1 makes the output size come out as
+    exactly ``h x w``; the scale factor (rather than a target size) also sets the sampling positions,
+    so the result differs from ``F.interpolate(size=(h, w))``.
+    """
+    n, dim = patch_pos.shape[1], patch_pos.shape[2]
+    m = math.isqrt(n)
+    if m * m != n:
+        raise ValueError(f"position embedding has {n} patch entries, not a square grid")
+    grid = patch_pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((h + 0.1) / m, (w + 0.1) / m), mode="bicubic",
+                         align_corners=False)
+    if grid.shape[-2:] != (h, w):
+        raise RuntimeError(f"position-embedding interpolation gave {tuple(grid.shape[-2:])}, not {(h, w)}")
+    return grid.permute(0, 2, 3, 1).reshape(1, h * w, dim)
+
+
+class Backbone(nn.Module):
+    """A timm ViT returning final-norm patch tokens ``(B, h, w, D)`` for any input size.
+
+    ``h = H // patch_size`` and ``w = W // patch_size``; pixels beyond the last full patch are dropped,
+    as the patch convolution itself would. CLS and register tokens are computed but not returned.
+    """
+
+    def __init__(self, vit: nn.Module, spec: BackboneSpec, name: str):
+        super().__init__()
+        if vit.num_reg_tokens and not vit.no_embed_class:
+            raise ValueError("register tokens with position embeddings are not a DINOv2 layout")
+        self.name, self.spec = name, spec
+        self.patch_size = spec.patch_size
+        self.embed_dim = vit.embed_dim
+        self.num_heads = vit.blocks[-1].attn.num_heads
+        self.num_register_tokens = vit.num_reg_tokens
+        self.num_prefix_tokens = vit.num_prefix_tokens  # CLS + registers
+        # pos_embed holds a CLS entry unless timm folded it into cls_token (its layout for register models).
+        self.no_embed_class = vit.no_embed_class
+        self._pos_prefix = 0 if vit.no_embed_class else 1
+
+        # Adopt timm's modules and parameters under timm's names (the other timm modules are identities).
+        self.patch_embed = vit.patch_embed
+        self.cls_token = vit.cls_token
+        self.register_parameter("reg_token", vit.reg_token)
+        self.pos_embed = vit.pos_embed
+        self.blocks = vit.blocks
+        self.norm = vit.norm
+        if set(self.state_dict()) != set(vit.state_dict()):
+            raise RuntimeError(f"timm model {spec.timm_name} has parameters the backbone does not use")
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the stored (square) position-embedding grid."""
+        return math.isqrt(self.pos_embed.shape[1] - self._pos_prefix)
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _pos_embed_for(self, h: int, w: int, square_input: bool) -> torch.Tensor:
+        """Position embeddings ``(1, 1 + h*w, D)`` for CLS and an ``h x w`` grid of patches."""
+        patch = self.pos_embed[:, self._pos_prefix:]
+        # DINO/DINOv2 use the stored grid unchanged only when the patch count matches and the input
+        # (in pixels) is square; any other size, even with the same count, is interpolated.
+        if not (h * w == patch.shape[1] and square_input):
+            patch = interpolate_pos_embed(patch, h, w)
+        # With timm's register layout the CLS position embedding lives in cls_token: add zero to CLS.
+        cls = self.pos_embed[:, :1] if self._pos_prefix else patch.new_zeros(1, 1, patch.shape[-1])
+        return torch.cat([cls.to(patch.dtype), patch], dim=1)
+
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Input images ``(B, 3, H, W)`` -> tokens ``[CLS, registers, patches]`` before the blocks."""
+        B, _, H, W = x.shape
+        p = self.patch_size
+        h, w = H // p, W // p
+        if h < 1 or w < 1:
+            raise ValueError(f"input of {H}x{W} px is smaller than one {p}x{p} patch")
+        x = self.patch_embed(x[:, :, : h * p, : w * p]).reshape(B, h * w, -1)
+        # Same order of operations as DINOv2: concatenate CLS, add position embeddings in the tokens'
+        # dtype, then insert the registers (which get no position embedding) right after CLS.
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        x = x + self._pos_embed_for(h, w, H == W).to(x.dtype)
+        if self.reg_token is not None:
+            x = torch.cat([x[:, :1], self.reg_token.expand(B, -1, -1), x[:, 1:]], dim=1)
+        return x, h, w
+
+    def _patch_grid(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return self.norm(tokens)[:, self.num_prefix_tokens:].reshape(tokens.shape[0], h, w, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, h, w = self._tokens(x)
+        return self._patch_grid(self.blocks(tokens), h, w)
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens as ``forward`` plus the last block's CLS->patch attention ``(B, heads, h, w)``.
+
+        The softmax runs over all keys (CLS, registers, patches) and only the patch entries are returned,
+        so a map sums to at most 1. It is recomputed from the last block's q and k because the fused
+        attention kernel never materialises it; the block output is the normal one.
+        """
+        tokens, h, w = self._tokens(x)
+        for blk in self.blocks[:-1]:
+            tokens = blk(tokens)
+        attn = self._cls_attention(self.blocks[-1], tokens)
+        tokens = self.blocks[-1](tokens)
+        return self._patch_grid(tokens, h, w), attn.reshape(attn.shape[0], attn.shape[1], h, w)
+
+    def _cls_attention(self, blk: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        a = blk.attn
+        B, N, _ = tokens.shape
+        qkv = a.qkv(blk.norm1(tokens)).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = a.q_norm(qkv[0][:, :, :1]), a.k_norm(qkv[1])
+        # float32 softmax: under autocast the logits arrive in bf16/fp16.
+        logits = (q.float() * a.scale) @ k.float().transpose(-2, -1)  # (B, heads, 1, N)
+        return logits.softmax(dim=-1)[:, :, 0, self.num_prefix_tokens:]
+
+    # ------------------------------------------------------------------------------------------ weights
+
+    def load_weights(self, source: str | Path | Mapping, strict: bool = True) -> None:
+        """Load pretrained weights from a checkpoint file or an already-read checkpoint object."""
+        label = "checkpoint" if isinstance(source, Mapping) else str(source)
+        obj = source if isinstance(source, Mapping) else read_checkpoint(source)
+        state = extract_backbone_state(obj, label)
+        state = self._fit_pos_grid(state, label)
+        state = to_timm_layout(state, self, drop_registers=self.spec.drop_registers, source=label)
+        report = load_checked(self, state, strict=strict, source=label, backbone=self.name)
+        log.info("backbone %s: loaded %d tensors from %s", self.name, report.loaded, label)
+
+    def _fit_pos_grid(self, state: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
+        """Resample a stored position-embedding grid that differs from this model's (``img_size``).
+
+        Done with the same formula as at run time, so the model at ``img_size`` computes what the
+        checkpoint's own grid would give at that size.
+        """
+        pos = state.get("pos_embed")
+        if pos is None or pos.ndim != 3:
+            return state
+        n = pos.shape[1]
+        prefix = n - math.isqrt(n) ** 2  # 1 with a CLS entry, 0 without
+        side = math.isqrt(n - prefix)
+        if prefix > 1 or side == self.grid_size:
+            return state
+        g = self.grid_size
+        log.warning("%s: position-embedding grid %dx%d resampled to %dx%d (img_size=%d)",
+                    label, side, side, g, g, g * self.patch_size)
+        patch = interpolate_pos_embed(pos[:, prefix:], g, g).to(pos.dtype)
+        return {**state, "pos_embed": torch.cat([pos[:, :prefix], patch], dim=1)}
+
+
+def build_backbone(
+    name: str,
+    weights: str = "default",
+    strict: bool = True,
+    drop_path_rate: float = 0.0,
+    img_size: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> Backbone:
+    """Build a registry backbone and load its weights.
+
+    ``weights``: ``"default"`` (official weights of that backbone, downloaded once), ``"random"``,
+    a local checkpoint path, or an ``https://`` URL. ``strict``: any missing, unexpected or mis-shaped
+    tensor is an error (``backbone.strict=false`` only warns). ``img_size``: the image size the stored
+    position-embedding grid is built for (default: the official one); other sizes are interpolated.
+    """
+    spec = get_spec(name)
+    # Resolve (and download) first: a missing file fails before a large model is built.
+    path = resolve_weights(weights, spec.weights_url, name, cache_dir)
+    backbone = Backbone(create_vit(spec, drop_path_rate, img_size), spec, name)
+    if path is None:
+        level = logging.WARNING if spec.weights_url else logging.INFO
+        log.log(level, "backbone %s: random initialisation (backbone.weights=random)", name)
+    else:
+        backbone.load_weights(path, strict=strict)
+    g = backbone.grid_size
+    log.info("backbone %s: timm %s, patch %d, dim %d, %d registers, stored grid %dx%d, drop_path %.3g",
+             name, spec.timm_name, spec.patch_size, backbone.embed_dim, backbone.num_register_tokens, g, g,
+             drop_path_rate)
+    return backbone

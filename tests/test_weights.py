@@ -1,0 +1,393 @@
+"""Weight sources, reading and key conversion, checked against producers that are not our code.
+
+The DINOv2 layout comes from the ``dinov2`` package (0.0.1.dev2 on PyPI, the official model code) when it is
+installed, and otherwise from a timm model plus ``mask_token`` (the keys are otherwise the same). The
+expected outputs come from ``hub_reference``, a DINOv2/DINO forward written from the spec (§2.1-2.3) on the
+checkpoint tensors themselves; it is itself checked against the ``dinov2`` package.
+"""
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from neco.models import BACKBONES, WeightsError, build_backbone
+from neco.models.backbone import BackboneSpec, create_vit
+
+try:
+    from dinov2.models.vision_transformer import DinoVisionTransformer, vit_small
+except ImportError:  # optional dev dependency: `pip install --no-deps dinov2==0.0.1.dev2`
+    DinoVisionTransformer = vit_small = None
+
+needs_dinov2 = pytest.mark.skipif(vit_small is None, reason="dinov2==0.0.1.dev2 not installed")
+
+
+@torch.no_grad()
+def randomize_(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        centre = 1.0 if name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "gamma")) else 0.0
+        p.copy_(centre + 0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+@torch.no_grad()
+def hub_reference(sd, x, num_heads, patch):
+    """Final-norm patch tokens of a DINOv2 (or DINO, without LayerScale) ViT, from its checkpoint tensors."""
+    B, _, H, W = x.shape
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
+    D, h, w = t.shape[1:]
+    t = torch.cat([sd["cls_token"].expand(B, -1, -1), t.flatten(2).transpose(1, 2)], dim=1)
+    pos, m = sd["pos_embed"], math.isqrt(sd["pos_embed"].shape[1] - 1)
+    if not (h * w == m * m and H == W):
+        grid = pos[:, 1:].reshape(1, m, m, D).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((h + 0.1) / m, (w + 0.1) / m), mode="bicubic")
+        pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, D)], dim=1)
+    t = t + pos
+    if "register_tokens" in sd:
+        t = torch.cat([t[:, :1], sd["register_tokens"].expand(B, -1, -1), t[:, 1:]], dim=1)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    hd = D // num_heads
+    for i in range(depth):
+        def b(n, i=i):
+            return sd[f"blocks.{i}.{n}"]
+
+        y = F.layer_norm(t, (D,), b("norm1.weight"), b("norm1.bias"), eps=1e-6)
+        qkv = F.linear(y, b("attn.qkv.weight"), b("attn.qkv.bias")).reshape(B, -1, 3, num_heads, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = ((q * hd**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        a = F.linear(a.transpose(1, 2).reshape(B, -1, D), b("attn.proj.weight"), b("attn.proj.bias"))
+        t = t + sd.get(f"blocks.{i}.ls1.gamma", 1.0) * a
+        y = F.layer_norm(t, (D,), b("norm2.weight"), b("norm2.bias"), eps=1e-6)
+        y = F.gelu(F.linear(y, b("mlp.fc1.weight"), b("mlp.fc1.bias")))
+        y = F.linear(y, b("mlp.fc2.weight"), b("mlp.fc2.bias"))
+        t = t + sd.get(f"blocks.{i}.ls2.gamma", 1.0) * y
+    t = F.layer_norm(t, (D,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)
+    return t[:, t.shape[1] - h * w:].reshape(B, h, w, D)
+
+
+@pytest.fixture(scope="module")
+def dinov2_model():
+    if vit_small is None:
+        return None
+    return randomize_(vit_small(patch_size=14, img_size=518, init_values=1.0, block_chunks=0), seed=3).eval()
+
+
+@pytest.fixture(scope="module")
+def hub_sd(dinov2_model):
+    """A ViT-S/14 state dict in torch.hub DINOv2 layout (pos_embed 1+37², mask_token, ls1.gamma, ...)."""
+    if dinov2_model is not None:
+        return {k: v.detach().clone() for k, v in dinov2_model.state_dict().items()}
+    vit = randomize_(create_vit(BACKBONES["dinov2_vits14"]), seed=3)
+    return {**vit.state_dict(), "mask_token": torch.zeros(1, 384)}
+
+
+@pytest.fixture(scope="module")
+def hub_reg_sd(hub_sd):
+    g = torch.Generator().manual_seed(4)
+    return {**hub_sd, "register_tokens": torch.randn(1, 4, 384, generator=g)}
+
+
+def save(obj, path):
+    torch.save(obj, path)
+    return str(path)
+
+
+def shallow(monkeypatch, name, depth=2):
+    """Make registry entry `name` build with `depth` blocks (width, patch, grid, registers unchanged)."""
+    spec = BACKBONES[name]
+    spec = dataclasses.replace(spec, timm_kwargs={**spec.timm_kwargs, "depth": depth})
+    monkeypatch.setitem(BACKBONES, name, spec)
+
+
+def first_blocks(sd, depth=2):
+    """The same checkpoint cut to its first `depth` blocks: a valid shallower network."""
+    return {k: v for k, v in sd.items() if not (k.startswith("blocks.") and int(k.split(".")[1]) >= depth)}
+
+
+# ------------------------------------------------------------------------------------------------ DINOv2 hub
+
+
+@needs_dinov2
+def test_reference_matches_dinov2_package(dinov2_model, hub_sd):
+    x = torch.randn(2, 3, 126, 98)
+    with torch.no_grad():
+        theirs = dinov2_model.forward_features(x)["x_norm_patchtokens"].reshape(2, 9, 7, 384)
+    torch.testing.assert_close(hub_reference(hub_sd, x, 6, 14), theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_dinov2_hub_checkpoint(dinov2_model, hub_sd, tmp_path):
+    b = build_backbone("dinov2_vits14", weights=save(hub_sd, tmp_path / "hub.pth")).eval()
+    for size in [(224, 224), (98, 98), (126, 98)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            ours = b(x)
+            if dinov2_model is not None:
+                theirs = dinov2_model.forward_features(x)["x_norm_patchtokens"].reshape(ours.shape)
+            else:
+                theirs = hub_reference(hub_sd, x, 6, 14)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_dinov2_hub_checkpoint_with_registers(hub_reg_sd, tmp_path, monkeypatch):
+    shallow(monkeypatch, "dinov2_vits14_reg")
+    hub_reg_sd = first_blocks(hub_reg_sd)
+    b = build_backbone("dinov2_vits14_reg", weights=save(hub_reg_sd, tmp_path / "reg.pth")).eval()
+    torch.testing.assert_close(b.reg_token, hub_reg_sd["register_tokens"])
+    for size in [(224, 224), (98, 98)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(b(x), hub_reference(hub_reg_sd, x, 6, 14), rtol=1e-5, atol=1e-5)
+
+
+def test_xr_drops_registers_and_says_so(hub_sd, hub_reg_sd, tmp_path, caplog, monkeypatch):
+    shallow(monkeypatch, "dinov2_vits14_xr")
+    hub_sd, hub_reg_sd = first_blocks(hub_sd), first_blocks(hub_reg_sd)
+    with caplog.at_level(logging.WARNING):
+        b = build_backbone("dinov2_vits14_xr", weights=save(hub_reg_sd, tmp_path / "reg.pth")).eval()
+    assert "register_tokens" in caplog.text and "XR" in caplog.text
+    assert b.num_register_tokens == 0
+    x = torch.randn(2, 3, 98, 98)
+    with torch.no_grad():  # the same network as the checkpoint without its registers
+        torch.testing.assert_close(b(x), hub_reference(hub_sd, x, 6, 14), rtol=1e-5, atol=1e-5)
+
+
+def test_xr_from_timm_register_layout(hub_sd, hub_reg_sd, tmp_path, monkeypatch):
+    # timm's reg4 layout folds the CLS position embedding into cls_token; XR must undo that exactly.
+    shallow(monkeypatch, "dinov2_vits14_reg")
+    shallow(monkeypatch, "dinov2_vits14_xr")
+    hub_sd, hub_reg_sd = first_blocks(hub_sd), first_blocks(hub_reg_sd)
+    reg = build_backbone("dinov2_vits14_reg", weights=save(hub_reg_sd, tmp_path / "reg.pth"))
+    xr = build_backbone("dinov2_vits14_xr", weights=save(reg.state_dict(), tmp_path / "timm_reg.pth")).eval()
+    x = torch.randn(1, 3, 70, 70)
+    with torch.no_grad():
+        torch.testing.assert_close(xr(x), hub_reference(hub_sd, x, 6, 14), rtol=1e-5, atol=1e-5)
+
+
+@needs_dinov2
+@pytest.mark.parametrize("block_chunks", [0, 2])
+def test_swiglu_and_chunked_blocks(block_chunks, tmp_path, monkeypatch):
+    # ViT-g/14's SwiGLU FFN at a small width (96 keeps DINOv2's and timm's hidden sizes equal).
+    theirs = DinoVisionTransformer(img_size=518, patch_size=14, embed_dim=96, depth=2, num_heads=4,
+                                   init_values=1.0, ffn_layer="swiglufused", block_chunks=block_chunks)
+    theirs = randomize_(theirs, seed=5).eval()
+    giant = BACKBONES["dinov2_vitg14"]
+    spec = dataclasses.replace(giant, embed_dim=96, timm_kwargs={"embed_dim": 96, "depth": 2, "num_heads": 4})
+    monkeypatch.setitem(BACKBONES, "small_swiglu", spec)
+    path = save(theirs.state_dict(), tmp_path / "g.pth")
+    assert any(".mlp.w12." in k for k in torch.load(path))
+    b = build_backbone("small_swiglu", weights=path).eval()
+    x = torch.randn(2, 3, 98, 112)
+    with torch.no_grad():
+        ref = theirs.forward_features(x)["x_norm_patchtokens"].reshape(2, 7, 8, 96)
+        torch.testing.assert_close(b(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_default_weights_from_cache_without_network(hub_sd, tmp_path, monkeypatch):
+    def offline(url, dst, *a, **k):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    shallow(monkeypatch, "dinov2_vits14")
+    hub_sd = first_blocks(hub_sd)
+    save(hub_sd, tmp_path / "dinov2_vits14_pretrain.pth")  # where the default URL's file is cached
+    b = build_backbone("dinov2_vits14", cache_dir=tmp_path)
+    torch.testing.assert_close(b.pos_embed, hub_sd["pos_embed"])
+
+
+# ---------------------------------------------------------------------------------------------- other layouts
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    return randomize_(create_vit(BACKBONES["vit_tiny"]), seed=6).state_dict()
+
+
+def assert_loaded(backbone, sd):
+    own = backbone.state_dict()
+    assert set(own) == set(sd)
+    for k, v in sd.items():
+        torch.testing.assert_close(own[k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_timm_state_dict_round_trip(tiny_sd, tmp_path, fmt):
+    path = tmp_path / f"tiny.{fmt}"
+    if fmt == "pth":
+        torch.save(tiny_sd, path)
+    else:
+        save_file({k: v.contiguous() for k, v in tiny_sd.items()}, str(path))
+    b = build_backbone("vit_tiny", weights=str(path))
+    assert_loaded(b, tiny_sd)
+    # And our own state dict loads back unchanged (it is timm's format).
+    assert_loaded(build_backbone("vit_tiny", weights=save(b.state_dict(), tmp_path / "again.pth")), tiny_sd)
+
+
+def test_wrapped_and_prefixed_state_dict(tiny_sd, tmp_path):
+    wrapped = {"epoch": 3, "state_dict": {**{f"module.{k}": v for k, v in tiny_sd.items()},
+                                          "module.head.weight": torch.zeros(10, 128)}}
+    assert_loaded(build_backbone("vit_tiny", weights=save(wrapped, tmp_path / "w.pth")), tiny_sd)
+
+
+def test_several_backbones_first_is_taken_with_a_warning(tiny_sd, tmp_path, caplog):
+    other = {k: v + 1 for k, v in tiny_sd.items()}
+    both = {**{f"model.{k}": v for k, v in tiny_sd.items()}, **{f"teacher.{k}": v for k, v in other.items()}}
+    with caplog.at_level(logging.WARNING):
+        b = build_backbone("vit_tiny", weights=save(both, tmp_path / "both.pth"))
+    assert_loaded(b, tiny_sd)
+    assert "'teacher.'" in caplog.text
+
+
+def test_dino_full_checkpoint_loads_the_teacher(tmp_path, monkeypatch):
+    shallow(monkeypatch, "dino_vits16")
+    teacher = randomize_(create_vit(BACKBONES["dino_vits16"]), seed=7).state_dict()
+    full = {
+        "teacher": {**{f"backbone.{k}": v for k, v in teacher.items()},
+                    "head.mlp.0.weight": torch.zeros(2048, 384),
+                    "head.last_layer.weight_g": torch.ones(1, 1)},
+        "student": {f"module.backbone.{k}": v + 1 for k, v in teacher.items()},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+        "epoch": 100,
+        "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536),
+        "dino_loss": {"center": torch.zeros(1, 65536)},
+    }
+    b = build_backbone("dino_vits16", weights=save(full, tmp_path / "dino_full.pth")).eval()
+    assert_loaded(b, teacher)
+    # DINO v1 interpolation, and 98-px crops drop 2 px (6x6 patches, spec §10 item 11).
+    x = torch.randn(2, 3, 98, 98)
+    with torch.no_grad():
+        out = b(x)
+    assert out.shape == (2, 6, 6, 384)
+    torch.testing.assert_close(out, hub_reference(teacher, x, 6, 16), rtol=1e-5, atol=1e-5)
+
+
+def test_stored_grid_resampled_to_img_size(tiny_sd, tmp_path, caplog):
+    path = save(tiny_sd, tmp_path / "tiny.pth")
+    native = build_backbone("vit_tiny", weights=path).eval()
+    with caplog.at_level(logging.WARNING):
+        small = build_backbone("vit_tiny", weights=path, img_size=64).eval()
+    assert small.grid_size == 8 and "resampled" in caplog.text
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # resampled once at load with the run-time formula: same result at 64 px
+        torch.testing.assert_close(small(x), native(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_missing_file_names_the_key_and_path(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(WeightsError, match=r"backbone\.weights=.*nope\.pth.*no such file"):
+        build_backbone("vit_tiny", weights=str(missing))
+
+
+def test_default_offline_gives_one_clear_error(tmp_path, monkeypatch):
+    def offline(url, dst, *a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError) as e:
+        build_backbone("dinov2_vitl14_reg", cache_dir=tmp_path)
+    msg = str(e.value)
+    assert BACKBONES["dinov2_vitl14_reg"].weights_url in msg
+    assert str(tmp_path / "dinov2_vitl14_reg4_pretrain.pth") in msg and "backbone.weights" in msg
+
+
+def test_url_is_downloaded_once(tiny_sd, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(url, dst, *a, **k):
+        calls.append(url)
+        torch.save(tiny_sd, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    url = "https://example.org/weights/tiny_ckpt.pth"
+    for _ in range(2):
+        assert_loaded(build_backbone("vit_tiny", weights=url, cache_dir=tmp_path), tiny_sd)
+    assert calls == [url] and (tmp_path / "tiny_ckpt.pth").is_file()
+
+
+def test_tiny_has_no_default_weights():
+    with pytest.raises(WeightsError, match="backbone.weights=random"):
+        build_backbone("vit_tiny")
+
+
+class Payload:
+    """Stands for arbitrary code in a pickle: a weights-only load must refuse to build it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pickled code ran",))
+
+
+def test_pickled_code_is_refused(tiny_sd, tmp_path, capfd):
+    path = save({"state_dict": tiny_sd, "extra": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match=r"\(posix\.system\) and is refused"):
+        build_backbone("vit_tiny", weights=path)
+    assert "pickled code ran" not in capfd.readouterr().out
+
+
+def test_strict_mismatch_report_and_non_strict_load(tiny_sd, tmp_path, caplog):
+    bad = {k: v for k, v in tiny_sd.items() if k != "blocks.3.mlp.fc2.bias"}
+    bad["blocks.9.attn.qkv.weight"] = torch.zeros(3)
+    path = save(bad, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError) as e:
+        build_backbone("vit_tiny", weights=path)
+    msg = str(e.value)
+    assert "1 missing" in msg and "blocks.3.mlp.fc2.bias" in msg
+    assert "1 unexpected" in msg and "blocks.9.attn.qkv.weight" in msg and "backbone.strict=false" in msg
+    with caplog.at_level(logging.WARNING):
+        b = build_backbone("vit_tiny", weights=path, strict=False)
+    assert "blocks.3.mlp.fc2.bias" in caplog.text
+    key = "blocks.0.attn.qkv.weight"
+    torch.testing.assert_close(b.state_dict()[key], tiny_sd[key])
+
+
+def test_wrong_architecture_fails(tmp_path, monkeypatch):
+    wide = dataclasses.replace(BACKBONES["vit_tiny"], embed_dim=64,
+                               timm_kwargs={**BACKBONES["vit_tiny"].timm_kwargs, "embed_dim": 64})
+    monkeypatch.setitem(BACKBONES, "tiny64", wide)
+    path = save(build_backbone("tiny64", weights="random").state_dict(), tmp_path / "t64.pth")
+    with pytest.raises(WeightsError, match=r"with a different shape: .*\(1, 1, 64\) vs model \(1, 1, 128\)"):
+        build_backbone("vit_tiny", weights=path)
+    with pytest.raises(WeightsError, match="Nothing matches"):
+        build_backbone("vit_tiny", weights=path, strict=False)
+
+
+def test_register_weights_into_plain_model_suggest_xr(tmp_path, monkeypatch):
+    spec = BACKBONES["vit_tiny"]
+    reg = BackboneSpec(spec.timm_name, 8, 128, "tiny", num_register_tokens=4, img_size=112,
+                       timm_kwargs={**spec.timm_kwargs, "reg_tokens": 4, "no_embed_class": True})
+    monkeypatch.setitem(BACKBONES, "tiny_reg", reg)
+    path = save(build_backbone("tiny_reg", weights="random").state_dict(), tmp_path / "r.pth")
+    with pytest.raises(WeightsError, match="'_xr'"):
+        build_backbone("vit_tiny", weights=path)
+
+
+def test_not_a_backbone_checkpoint(tmp_path):
+    with pytest.raises(WeightsError, match="no ViT backbone weights"):
+        build_backbone("vit_tiny", weights=save({"foo": torch.zeros(1)}, tmp_path / "x.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="not a readable checkpoint"):
+        build_backbone("vit_tiny", weights=str(tmp_path / "junk.pth"))
+
+
+def test_register_mismatch_in_hub_layout_is_reported(hub_sd, hub_reg_sd, tmp_path, monkeypatch):
+    shallow(monkeypatch, "dinov2_vits14")
+    shallow(monkeypatch, "dinov2_vits14_reg")
+    with pytest.raises(WeightsError, match=r"(?s)unexpected.*reg_token.*'_xr'"):
+        build_backbone("dinov2_vits14", weights=save(first_blocks(hub_reg_sd), tmp_path / "reg.pth"))
+    with pytest.raises(WeightsError, match=r"(?s)missing.*reg_token.*pos_embed weights \(1, 1370, 384\)"):
+        build_backbone("dinov2_vits14_reg", weights=save(first_blocks(hub_sd), tmp_path / "plain.pth"))
+
+
+def test_other_patch_size_is_not_resampled(hub_sd, tmp_path, monkeypatch):
+    shallow(monkeypatch, "dino_vits16")
+    with pytest.raises(WeightsError, match=r"patch_embed\.proj\.weight weights \(384, 3, 14, 14\)"):
+        build_backbone("dino_vits16", weights=save(first_blocks(hub_sd), tmp_path / "p14.pth"))
