@@ -52,6 +52,10 @@ def align(maps: torch.Tensor, boxes: torch.Tensor, scale: torch.Tensor | float, 
     return roi_align(maps, rois, output_size=k, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class NeCoLoss(nn.Module):
     """Holds the reference queue (a buffer, saved in checkpoints) and computes the loss of one step."""
 
@@ -87,7 +91,7 @@ class NeCoLoss(nn.Module):
     @torch.no_grad()
     def _push_queue(self, t: int, tokens: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
         """FIFO update of queue t with random teacher tokens of this step (before the loss, as the reference)."""
-        rows = tokens.permute(0, 2, 3, 1).reshape(-1, tokens.shape[1]).float()
+        rows = tokens.permute(0, 2, 3, 1).reshape(-1, tokens.shape[1]).to(self.queue.dtype)
         if keep is not None:
             rows = rows[keep.reshape(-1)]  # host-device sync: the number of foreground tokens
         length = self.queue.shape[1]
@@ -132,8 +136,9 @@ class NeCoLoss(nn.Module):
         `boxes`: `{"gc": (B, G, N, 4), "all": (B, N, G, 4)}` in crop pixels; `teacher_fg`: `(G, B, 1, S, S)`
         foreground masks (1 = foreground) for loss.mask=fg|bg."""
         cfg, k = self.cfg, self.k
-        student_maps = [m.float() for m in student_maps]
-        teacher_maps = [m.float() for m in teacher_maps]
+        # The objective runs in fp32 (float64 stays float64) whatever precision the backbone used.
+        student_maps = [_at_least_fp32(m) for m in student_maps]
+        teacher_maps = [_at_least_fp32(m) for m in teacher_maps]
         num_crops = len(student_maps)
         batch = student_maps[0].shape[0]
         fg = None
