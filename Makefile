@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# Meta's DINOv2 model code, a test oracle for key conversion; its metadata pins torch 2.0, hence --no-deps.
+	$(BIN)/python -m pip install -q --no-deps dinov2==0.0.1.dev2
 	touch $@
 
 quickstart: install ## post-train a small ViT with NeCo on synthetic scenes (CPU, a few minutes) and evaluate it
@@ -41,3 +43,13 @@ lint: install ## ruff
 
 clean: ## remove outputs of local runs (not the virtual environment)
 	rm -rf outputs multirun .pytest_cache
+
+.PHONY: bench bench-gpu
+BENCH_ARGS ?= --out outputs/bench/bench_$(RUN_STAMP).jsonl
+
+bench: install ## training-step speed and memory, floor, sorter, loader (GPU; BENCH_ARGS=--quick on a CPU)
+	@mkdir -p outputs/bench
+	$(BIN)/python -m neco.bench $(BENCH_ARGS)
+
+bench-gpu: ## every GPU check in one ~6-minute run on a bare GPU machine (bench/README.md)
+	bash bench/gpu_check.sh
