@@ -91,9 +91,9 @@ def pretrain(steps: int, batch_size: int, seed: int, image_size: int, crop_size:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=asset_path("vit_tiny_synthetic.pt"))
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--image-size", type=int, default=96, help="size of the synthetic scenes")
     parser.add_argument("--crop-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
