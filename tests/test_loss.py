@@ -18,7 +18,8 @@ def _loss_cfg(**kw):
     base = dict(student_steepness=100.0, teacher_steepness=100.0, network="bitonic", distribution="cauchy",
                 art_lambda=0.25, similarity="cosine", references="batch", queue_length=8192, mask="all",
                 roi_size=7, use_teacher=True, head=SimpleNamespace(out_dim=8), reference_source="teacher",
-                queue_counter="shared", teacher_head_init="independent", box_scale="patch")
+                queue_counter="shared", teacher_head_init="independent", box_scale="patch",
+                sorter="sparse")
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -40,7 +41,8 @@ def _random_boxes(batch, sizes, num_global, generator):
             boxes.append(torch.cat([centre - half, centre + half]))  # all crops contain the centre
         for g in range(num_global):
             for j in range(n):
-                inter = torch.cat([torch.maximum(boxes[g][:2], boxes[j][:2]), torch.minimum(boxes[g][2:], boxes[j][2:])])
+                lo = torch.maximum(boxes[g][:2], boxes[j][:2])
+                inter = torch.cat([lo, torch.minimum(boxes[g][2:], boxes[j][2:])])
                 for dst, frame, size in ((gc[b, g, j], boxes[g], sizes[g]), (all_[b, j, g], boxes[j], sizes[j])):
                     w, h = frame[2] - frame[0], frame[3] - frame[1]
                     dst[:] = torch.stack([size * (inter[0] - frame[0]) / w, size * (inter[1] - frame[1]) / h,
@@ -94,6 +96,23 @@ def test_step_loss_equals_spec_rederivation(beta_s, beta_t):
     grads = torch.autograd.grad(ours, student)
     expected_grads = torch.autograd.grad(expected, student)
     for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_dense_and_sparse_sorters_give_the_same_step_loss():
+    g = torch.Generator().manual_seed(2)
+    patch, sizes, batch = 14, [42, 42, 28, 28], 2
+    student = [_unit_maps(batch, 8, s // patch, g).requires_grad_() for s in sizes]
+    teacher = [_unit_maps(batch, 8, s // patch, g) for s in sizes[:2]]
+    boxes = _random_boxes(batch, sizes, 2, g)
+    losses, grads = [], []
+    for sorter in ("sparse", "dense"):
+        torch.manual_seed(0)
+        loss = NeCoLoss(_loss_cfg(sorter=sorter), patch, sizes, 2, batch)(student, teacher, boxes)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, student))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-10, atol=1e-12)
+    for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 
