@@ -3,6 +3,7 @@
     python -m neco.train backbone=dinov2_vits14 data=coco          # the published ViT-S/14 recipe
     python -m neco.train experiment=quickstart                     # the embedded CPU demo
     python -m neco.train -m loss.student_steepness=10,100          # a sweep, one run directory per job
+    torchrun --nproc_per_node=8 -m neco.train ...                  # DDP; SLURM tasks: see neco.launch
 """
 
 from __future__ import annotations
@@ -21,13 +22,20 @@ from omegaconf.errors import MissingMandatoryValue
 import neco.config  # noqa: F401  (registers the config schema and resolvers)
 from neco.data.datasets import DatasetNotFound
 from neco.data.multicrop import CropSamplingError
+from neco.engine import dist
 from neco.engine.checkpoint import find_checkpoint
 from neco.engine.log import MetricsLogger, environment_info
 from neco.engine.optim import build_optimizer, build_schedules, param_groups, select_trainable_blocks
-from neco.engine.setup import (build_loader, build_student_teacher, resolve_device, resolve_precision,
-                               seed_everything)
+from neco.engine.setup import (
+    build_loader,
+    build_student_teacher,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from neco.engine.trainer import Trainer
 from neco.errors import UserError
+from neco.launch import DeferredRequeue
 from neco.loss.neco import NeCoLoss
 from neco.models.weights import WeightsError
 
@@ -69,26 +77,35 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    dist.init(cfg.device)  # torchrun or SLURM tasks; nothing otherwise
+    rank, world = dist.rank(), dist.world_size()
+    main_process = dist.is_main()
+    device = dist.local_device(resolve_device(cfg.device))
     amp_dtype = resolve_precision(cfg.precision, device)
     checkpoint = find_checkpoint(cfg.resume, run_dir)
 
-    dataset, sampler, loader = build_loader(cfg.data, cfg.paths, cfg.seed)
+    dataset, sampler, loader = build_loader(cfg.data, cfg.paths, cfg.seed, rank=rank, world_size=world)
     student, teacher = build_student_teacher(cfg.backbone, cfg.loss, cache_dir=cfg.paths.weights)
+    if world > 1:
+        # Built from the same seed, student and teacher are identical on every process; from here on each
+        # process draws its own crops and references.
+        dist.seed_ranks(cfg.seed)
     frozen = select_trainable_blocks(student.backbone, cfg.optim.trainable_blocks)
     student.to(device)
     teacher.to(device)
     if cfg.compile:
         student.backbone.compile()
         teacher.backbone.compile()
+    ddp = dist.wrap(student, device) if dist.is_enabled() else None
     crop_sizes = [cfg.data.global_size] * cfg.data.num_global + [cfg.data.local_size] * cfg.data.num_local
+    # As the reference, the queue is kept per process: loss.queue_length / world rows each (spec 3.4).
     objective = NeCoLoss(cfg.loss, student.backbone.patch_size, crop_sizes, cfg.data.num_global,
-                         cfg.data.batch_size).to(device)
+                         cfg.data.batch_size, world_size=world).to(device)
     if cfg.loss.mask != "all" and not cfg.loss.use_teacher:
         raise UserError("loss.mask=fg|bg needs the teacher's attention: set loss.use_teacher=true or loss.mask=all")
 
     steps_per_epoch = len(loader) // cfg.optim.accumulate
-    effective_batch = cfg.data.batch_size * cfg.optim.accumulate
+    effective_batch = cfg.data.batch_size * cfg.optim.accumulate * world
     groups = param_groups(student.backbone, student.head, cfg.optim)
     if cfg.optim.scale_lr_with_batch:
         for g in groups:
@@ -99,38 +116,60 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     derived = {
         "num_images": len(dataset), "steps_per_epoch": steps_per_epoch,
         "total_steps": steps_per_epoch * cfg.optim.epochs, "effective_batch": effective_batch,
+        "world_size": world,
         "lr": {g["name"]: g["base_lr"] for g in groups}, "frozen_parameters": len(frozen),
         "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
         "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
     }
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    info = environment_info(device, cfg.seed) | {"derived": derived}
-    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+    if main_process:  # rank 0 alone writes the run directory, logs, evaluates and checkpoints
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        info = environment_info(device, cfg.seed) | {"derived": derived}
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
     log.info("run directory: %s", run_dir)
-    log.info("%d images, %d steps/epoch x %d epochs, effective batch %d, lr %s", len(dataset), steps_per_epoch,
-             cfg.optim.epochs, effective_batch, derived["lr"])
+    log.info("%d images, %d steps/epoch x %d epochs, effective batch %d (%d x %d accumulated x %d "
+             "processes), lr %s", len(dataset), steps_per_epoch, cfg.optim.epochs, effective_batch,
+             cfg.data.batch_size, cfg.optim.accumulate, world, derived["lr"])
 
-    logger = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_id=cfg.run_name)
-    evaluator = _quick_evaluator(cfg, run_dir, device, amp_dtype) if cfg.eval.name == "quick" else None
+    # The W&B id is stable across requeues (same run directory) and distinct for each job of a sweep.
+    run_id = cfg.run_name if run_dir.name == cfg.run_name else f"{cfg.run_name}-{run_dir.name}"
+    logger = (MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_id=run_id)
+              if main_process else _NoLogger())
+    evaluator = (_quick_evaluator(cfg, run_dir, device, amp_dtype)
+                 if cfg.eval.name == "quick" and main_process else None)
     if cfg.eval.name not in ("none", "quick"):
         raise UserError(f"eval.name={cfg.eval.name!r}: choose none or quick")
+    requeue = DeferredRequeue.install()  # in a submitit job: checkpoint at a step boundary, then requeue
     trainer = Trainer(student=student, teacher=teacher, objective=objective, optimizer=optimizer,
                       schedules=schedules, loader=loader, sampler=sampler, cfg=cfg, run_dir=run_dir,
                       device=device, amp_dtype=amp_dtype, logger=logger, steps_per_epoch=steps_per_epoch,
-                      evaluator=evaluator)
+                      evaluator=evaluator, ddp=ddp, should_stop=requeue if requeue.active else None)
     if checkpoint is not None:
         trainer.load(checkpoint)
-    else:
+    elif main_process:
         _save_crops_figure(dataset, run_dir)
     try:
         result = trainer.fit()
     finally:
         logger.close()
-    if (run_dir / "metrics.jsonl").is_file():
+        requeue.uninstall()
+    if main_process and (run_dir / "metrics.jsonl").is_file():
         from neco.viz import plot_metrics
 
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "figures" / "loss.png", keys=("loss",))
+    dist.shutdown()
+    if result.get("stopped"):
+        requeue.hand_over()  # submitit calls the job's checkpoint(), requeues it and exits this process
     return result
+
+
+class _NoLogger:
+    """What processes other than rank 0 log to."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

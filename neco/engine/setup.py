@@ -76,7 +76,8 @@ def build_loader(data_cfg, paths, seed: int, rank: int = 0, world_size: int = 1)
     loader = DataLoader(
         dataset, batch_size=data_cfg.batch_size, sampler=sampler, num_workers=data_cfg.num_workers,
         drop_last=data_cfg.drop_last, pin_memory=torch.cuda.is_available(),
-        persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+        # The generator seeds the workers' augmentations: one stream per process (rank 0 = single process).
+        persistent_workers=False, generator=torch.Generator().manual_seed(seed + rank))
     return dataset, sampler, loader
 
 

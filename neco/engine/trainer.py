@@ -6,18 +6,20 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from neco.errors import UserError
-from neco.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from neco.engine import dist
+from neco.engine.checkpoint import ResumeError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from neco.engine.log import MetricsLogger
 from neco.engine.optim import Schedules
+from neco.errors import UserError
 from neco.loss.masks import attention_foreground
 from neco.models.ema import ema_update
 
@@ -38,8 +40,12 @@ class TrainState:
 class Trainer:
     def __init__(self, *, student, teacher, objective, optimizer, schedules: Schedules, loader, sampler, cfg,
                  run_dir: Path, device: torch.device, amp_dtype: Optional[torch.dtype], logger: MetricsLogger,
-                 steps_per_epoch: int, evaluator: Optional[Callable] = None):
+                 steps_per_epoch: int, evaluator: Optional[Callable] = None, ddp=None,
+                 should_stop: Optional[Callable[[], bool]] = None):
         self.student, self.teacher, self.objective = student, teacher, objective
+        # `ddp` (DistributedDataParallel around `student`) only runs the forward pass; everything else uses
+        # the unwrapped student. `should_stop` is polled after every optimizer step (preemption).
+        self.ddp, self.should_stop = ddp, should_stop
         self.optimizer, self.schedules = optimizer, schedules
         self.loader, self.sampler = loader, sampler
         self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
@@ -70,6 +76,15 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
+        ranks = ckpt.get("ranks")  # per-process queue and RNG states of a distributed run
+        same_layout = len(ranks or [None]) == dist.world_size()
+        if ranks and same_layout:
+            ckpt.update(ranks[dist.rank()])
+        elif not same_layout and "queue" in ckpt["objective"]:
+            raise ResumeError(
+                f"resume: {path} was written by {len(ranks or [None])} process(es) and this run has "
+                f"{dist.world_size()}; each keeps loss.queue_length / processes queue rows, so resume with "
+                "the same number of processes (or start over with resume=null)")
         self.student.load_state_dict(ckpt["student"])
         self.teacher.load_state_dict(ckpt["teacher"])
         self.objective.load_state_dict(ckpt["objective"])
@@ -77,13 +92,23 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"])
         set_rng_state(ckpt["rng"])
+        if not same_layout:  # another number of processes: give each its own stream from here on
+            dist.seed_ranks(self.cfg.seed + self.state.step)
         self._saved_step = self.state.step
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
 
     def save(self) -> None:
         if self._saved_step == self.state.step:  # e.g. the end of the last epoch is also the end of the run
             return
-        save_checkpoint(self.state_dict(), self.run_dir, self.state.step, self.cfg.keep_checkpoints)
+        if dist.is_enabled():  # each process has its own queue and random streams; rank 0 writes them all
+            queue = {k: v.cpu() for k, v in self.objective.state_dict().items()}
+            mine = {"objective": queue, "rng": rng_state()}
+            ranks = dist.all_gather_objects(mine)
+        if dist.is_main():
+            state = self.state_dict()
+            if dist.is_enabled():
+                state["ranks"] = ranks
+            save_checkpoint(state, self.run_dir, self.state.step, self.cfg.keep_checkpoints)
         self._saved_step = self.state.step
 
     # ----------------------------------------------------------------------------------------------- step
@@ -97,7 +122,7 @@ class Trainer:
         masked = self.cfg.loss.mask != "all"
         fg = None
         with self._autocast():
-            student_maps = self.student(crops)
+            student_maps = (self.ddp or self.student)(crops)
             if self.cfg.loss.use_teacher:
                 with torch.no_grad():
                     out = self.teacher(crops[:G], with_attention=masked)
@@ -127,6 +152,20 @@ class Trainer:
         self.state.step += 1
         return grad_norm
 
+    def _no_sync(self, sync: bool):
+        """DDP all-reduces gradients in backward; only the last micro-batch of an optimizer step needs it."""
+        return self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
+
+    def _loss_value(self, loss: torch.Tensor) -> float:
+        # Host-device sync, once per micro-batch: a NaN must stop the run before it reaches the weights. With
+        # several processes it is the mean over them, so all of them stop (or skip) together.
+        return float(dist.all_reduce_mean(loss.detach()))
+
+    def _stop_requested(self) -> bool:
+        if self.should_stop is None:
+            return False
+        return dist.any_rank(bool(self.should_stop()), self.device)
+
     # ------------------------------------------------------------------------------------------------ fit
     def _evaluate(self, tag: str) -> None:
         if self.evaluator is None:
@@ -153,10 +192,11 @@ class Trainer:
         self.teacher.eval()  # no dropout or stochastic depth; the teacher only moves by EMA
         batch_size = cfg.data.batch_size
         bar = tqdm(total=last_step, initial=self.state.step, desc="train", unit="step",
-                   disable=not cfg.logger.progress, dynamic_ncols=True)
+                   disable=not cfg.logger.progress or not dist.is_main(), dynamic_ncols=True)
         window_loss, window_n, window_images, window_start = 0.0, 0, 0, time.perf_counter()
         last_loss = float("nan")
-        while self.state.step < last_step and self.state.epoch < cfg.optim.epochs:
+        stopped = False
+        while self.state.step < last_step and self.state.epoch < cfg.optim.epochs and not stopped:
             self.sampler.set_epoch(self.state.epoch, start=self.state.batch_in_epoch * batch_size)
             micro = 0
             for crops, boxes in self.loader:
@@ -165,20 +205,21 @@ class Trainer:
                 self.schedules.apply(self.optimizer, self.state.step)
                 crops = [c.to(self.device, non_blocking=True) for c in crops]
                 boxes = {k: v.to(self.device, non_blocking=True) for k, v in boxes.items()}
-                loss = self.compute_loss(crops, boxes)
-                # Host-device sync, once per micro-batch: a NaN must stop the run before it reaches the weights.
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"the loss became {value} at step {self.state.step} (epoch {self.state.epoch}); the run "
-                        f"stopped and its last checkpoint in {self.run_dir / 'checkpoints'} is intact. Lower "
-                        "optim.lr_backbone, set optim.grad_clip, or use precision=fp32.")
-                self.state.batch_in_epoch += 1
-                if value == 0.0:  # the reference skips a step whose loss is exactly zero (spec 4.8)
-                    continue
-                self.scaler.scale(loss / accumulate).backward()
+                with self._no_sync(sync=(micro + 1) % accumulate == 0):
+                    loss = self.compute_loss(crops, boxes)
+                    value = self._loss_value(loss)
+                    if not math.isfinite(value):
+                        raise TrainingDiverged(
+                            f"the loss became {value} at step {self.state.step} (epoch {self.state.epoch}); "
+                            f"the run stopped and its last checkpoint in {self.run_dir / 'checkpoints'} is "
+                            "intact. Lower optim.lr_backbone, set optim.grad_clip, or use precision=fp32.")
+                    self.state.batch_in_epoch += 1
+                    if value == 0.0:  # the reference skips a step whose loss is exactly zero (spec 4.8)
+                        continue
+                    self.scaler.scale(loss / accumulate).backward()
                 micro += 1
-                window_loss, window_n, window_images = window_loss + value, window_n + 1, window_images + len(crops[0])
+                window_loss, window_n = window_loss + value, window_n + 1
+                window_images += len(crops[0]) * dist.world_size()
                 last_loss = value
                 if micro % accumulate:
                     continue
@@ -193,6 +234,10 @@ class Trainer:
                     window_loss, window_n, window_images, window_start = 0.0, 0, 0, time.perf_counter()
                 if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                     self.save()
+                if self._stop_requested():  # e.g. SLURM's warning before the time limit: save here, requeue
+                    log.info("stop requested at step %d: checkpointing", self.state.step)
+                    stopped = True
+                    break
             else:  # the epoch ran to its end
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
@@ -202,6 +247,8 @@ class Trainer:
                     self._evaluate(f"epoch{self.state.epoch}")
         bar.close()
         self.save()
+        if stopped:
+            return {"step": self.state.step, "loss": last_loss, "stopped": True}
         if self.evaluator and cfg.eval.after_training:
             self._evaluate("after")
         return {"step": self.state.step, "loss": last_loss}

@@ -27,6 +27,7 @@ _CHOICES = {
     "reference_source": ("teacher", "student"),
     "queue_counter": ("shared", "per_queue"),
     "box_scale": ("patch", "grid"),
+    "sorter": ("sparse", "dense"),
 }
 
 QUEUE_ROWS_PER_IMAGE = 10  # the reference pushes 10 random teacher tokens per image and teacher crop
@@ -180,6 +181,6 @@ class NeCoLoss(nn.Module):
                 pair_sum = pair_sum + pair_loss(
                     student, teacher, refs, cfg.student_steepness, self.teacher_steepness,
                     network=cfg.network, similarity=cfg.similarity, distribution=cfg.distribution,
-                    art_lambda=cfg.art_lambda, cell_mask=cells)
+                    art_lambda=cfg.art_lambda, cell_mask=cells, sorter=cfg.sorter)
             total = total + pair_sum / (num_crops - 1)
         return total / self.num_global

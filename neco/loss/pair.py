@@ -7,7 +7,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from neco.loss.sorting import diff_sort
+from neco.loss.sorting import diff_sort, diff_sort_dense
+
+SORTERS = {"sparse": diff_sort, "dense": diff_sort_dense}
 
 SIMILARITIES = ("cosine", "euclidean")
 
@@ -37,13 +39,14 @@ def soft_permutation(
     distribution: str = "cauchy",
     similarity: str = "cosine",
     art_lambda: float = 0.25,
+    sorter: str = "sparse",
 ) -> torch.Tensor:
     """`X[row, i, j]`: mass of reference i at rank j for each query cell, shape `(B*k*k, k*k, k*k)`."""
     # The objective runs in at least fp32 even when the backbone runs under bf16/fp16 autocast.
     dtype = torch.promote_types(query.dtype, torch.float32)
     with torch.autocast(device_type=query.device.type, enabled=False):
         rows = similarities(query.to(dtype), refs.to(dtype), similarity)
-        _, perm = diff_sort(rows, network=network, steepness=steepness, distribution=distribution,
+        _, perm = SORTERS[sorter](rows, network=network, steepness=steepness, distribution=distribution,
                             art_lambda=art_lambda)
     return perm
 
@@ -79,6 +82,7 @@ def pair_loss(
     distribution: str = "cauchy",
     art_lambda: float = 0.25,
     cell_mask: Optional[torch.Tensor] = None,
+    sorter: str = "sparse",
 ) -> torch.Tensor:
     """Cross-entropy between the teacher's (no gradient) and the student's soft permutations for one crop pair.
 
@@ -86,6 +90,7 @@ def pair_loss(
     identical inputs give the entropy of the teacher's permutations, the minimum over student inputs.
     """
     with torch.no_grad():
-        target = soft_permutation(teacher, refs, teacher_steepness, network, distribution, similarity, art_lambda)
-    pred = soft_permutation(student, refs, student_steepness, network, distribution, similarity, art_lambda)
+        target = soft_permutation(teacher, refs, teacher_steepness, network, distribution, similarity, art_lambda,
+                                  sorter)
+    pred = soft_permutation(student, refs, student_steepness, network, distribution, similarity, art_lambda, sorter)
     return permutation_cross_entropy(target, pred, cell_mask)
