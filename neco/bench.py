@@ -1,0 +1,441 @@
+"""`python -m neco.bench`: speed and memory of the NeCo step, its free-loss floor, the sorter and the loader.
+
+    python -m neco.bench                            # GPU: ViT-S/14+reg4, batch 64, crops 224 and 518
+    python -m neco.bench --compile --parts step     # the same steps with compiled backbones
+    python -m neco.bench --quick                    # tiny CPU run (vit_tiny, batch 2, one step)
+    python -m neco.bench loss.network=odd_even      # trailing key=value pairs override the config
+
+Prints one JSON object per measurement (stdout, and `--out FILE`), then a table against the targets (stderr).
+A step is the trainer's own: `Trainer.compute_loss` and `Trainer._optimizer_step` on random crops already on
+the device, with boxes from the MultiCrop box sampler. The floor is the same step with a loss that costs
+nothing: what the backbones, head, AdamW and EMA cost whatever the objective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from neco.config import TrainConfig
+from neco.data.multicrop import pairwise_boxes
+from neco.engine.optim import build_optimizer, build_schedules, param_groups
+from neco.engine.setup import build_multicrop, build_student_teacher, resolve_precision
+from neco.engine.trainer import Trainer
+from neco.loss.neco import NeCoLoss
+from neco.loss.sorting import diff_sort, diff_sort_dense
+
+PARTS = ("sort", "step", "loader")
+# Targets for the objective's overhead over the floor, per global crop size, and for one sort (fwd + bwd, ms).
+STEP_TARGETS = {224: {"time_ratio": 1.15, "memory_ratio": 1.25}, 518: {"time_ratio": 1.15, "peak_gib": 45.0}}
+SORT_TARGET_MS = {"bitonic": 1.0, "odd_even": 3.0}
+# ANCHORS.md, one H200: (images/s, peak GiB) of the floor (bf16, eager) and the shipped reference (bf16, fused
+# attention). A yardstick only: compare ratios taken within one run on one card.
+ANCHORS = {224: {"floor": (857.0, 9.8), "reference": (89.4, 20.2)},
+           518: {"floor": (229.0, 38.1), "reference": (82.2, 75.4)}}
+SOURCE_IMAGE = (640, 480)  # fake image size the crop boxes and the loader's source images are drawn at
+
+
+def environment(device: torch.device) -> dict:
+    def version(module: str) -> str | None:
+        try:
+            return importlib.import_module(module).__version__
+        except ImportError:
+            return None
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu {platform.machine()}"
+    return {"device": name, "torch": torch.__version__, "triton": version("triton"), "timm": version("timm")}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # host-device sync: a host timer must see the device work finished
+
+
+def fresh_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def failure(err: Exception) -> str:
+    traceback.print_exc()  # the whole story goes to the log; the JSON line names the failure
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+# --------------------------------------------------------------------------------------------- train step
+class FreeLoss(nn.Module):
+    """The floor's objective: the mean of the student's head outputs. It costs nothing, yet backpropagates
+    through the head and the backbone to every trainable parameter, so backward and AdamW do full work."""
+
+    def forward(self, student_maps, teacher_maps, boxes, teacher_fg=None) -> torch.Tensor:
+        return sum(m.float().mean() for m in student_maps) / len(student_maps)
+
+
+def build_trainer(cfg, device: torch.device, amp_dtype, objective: str, total_steps: int) -> Trainer:
+    """Student, teacher, objective, AdamW and schedules as `neco.train` builds them, in a Trainer."""
+    student, teacher = build_student_teacher(cfg.backbone, cfg.loss)
+    student.to(device)
+    teacher.to(device)
+    if cfg.compile:
+        # Each configuration builds new modules: stale compile caches would count towards the recompile limit.
+        torch._dynamo.reset()
+        student.backbone.compile()
+        teacher.backbone.compile()
+    d = cfg.data
+    sizes = [d.global_size] * d.num_global + [d.local_size] * d.num_local
+    if objective == "floor":
+        loss = FreeLoss()
+    else:
+        loss = NeCoLoss(cfg.loss, student.backbone.patch_size, sizes, d.num_global, d.batch_size).to(device)
+    optimizer = build_optimizer(param_groups(student.backbone, student.head, cfg.optim), cfg.optim, device)
+    trainer = Trainer(student=student, teacher=teacher, objective=loss, optimizer=optimizer,
+                      schedules=build_schedules(cfg.optim, total_steps), loader=None, sampler=None, cfg=cfg,
+                      run_dir=Path("."), device=device, amp_dtype=amp_dtype, logger=None,
+                      steps_per_epoch=total_steps)
+    student.train()
+    teacher.eval()
+    return trainer
+
+
+def train_step(trainer: Trainer, crops: list[torch.Tensor], boxes: dict) -> float:
+    """One optimizer step exactly as `Trainer.fit` runs it (accumulate=1), minus logging and checkpoints."""
+    trainer.schedules.apply(trainer.optimizer, trainer.state.step)
+    loss = trainer.compute_loss(crops, boxes)
+    value = float(loss.detach())  # host-device sync, as in Trainer.fit: its NaN check reads every loss
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the loss became {value}")
+    trainer.scaler.scale(loss).backward()
+    trainer._optimizer_step()
+    return value
+
+
+def random_batch(data_cfg, device: torch.device, seed: int = 0) -> tuple[list[torch.Tensor], dict]:
+    """Random crops on the device and valid pairwise boxes drawn by the MultiCrop sampler on a fake image."""
+    torch.manual_seed(seed)
+    multicrop = build_multicrop(data_cfg)
+    per_image = [pairwise_boxes(multicrop.sample_boxes(*SOURCE_IMAGE), multicrop.sizes, data_cfg.num_global)
+                 for _ in range(data_cfg.batch_size)]
+    boxes = {k: torch.stack([b[k] for b in per_image]).to(device) for k in ("gc", "all")}
+    crops = [torch.randn(data_cfg.batch_size, 3, s, s, device=device) for s in multicrop.sizes]
+    return crops, boxes
+
+
+def measure_step(cfg, device, amp_dtype, objective: str, warmup: int, steps: int) -> dict:
+    sorter = cfg.loss.sorter if objective == "neco" else None
+    record = {"kind": "step", "objective": objective, "sorter": sorter,
+              "backbone": cfg.backbone.name, "global_size": cfg.data.global_size,
+              "local_size": cfg.data.local_size, "batch": cfg.data.batch_size, "compile": cfg.compile,
+              "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+              "warmup": warmup, "steps": steps}
+    fresh_memory(device)
+    try:
+        trainer = build_trainer(cfg, device, amp_dtype, objective, warmup + steps + 1)
+        crops, boxes = random_batch(cfg.data, device)
+        for _ in range(warmup):
+            train_step(trainer, crops, boxes)
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            record["loss"] = train_step(trainer, crops, boxes)
+        sync(device)
+        elapsed = time.perf_counter() - start
+        record.update(step_ms=1000 * elapsed / steps, images_per_s=steps * cfg.data.batch_size / elapsed,
+                      peak_gib=peak_gib(device))
+    except Exception as err:  # one failed configuration must not cost the others their measurements
+        record["error"] = failure(err)
+    trainer = crops = boxes = None  # noqa: F841  (release the models before the next configuration)
+    fresh_memory(device)
+    return record
+
+
+def step_ratio(neco: dict, floor: dict) -> dict | None:
+    """NeCo over floor for step time and peak memory, against the targets of that crop size."""
+    if "step_ms" not in neco or "step_ms" not in floor:
+        return None
+    size = neco["global_size"]
+    out = {"kind": "ratio", "global_size": size, "compile": neco["compile"],
+           "time_ratio": neco["step_ms"] / floor["step_ms"], "peak_gib": neco["peak_gib"]}
+    if neco["peak_gib"] is not None:
+        out["memory_ratio"] = neco["peak_gib"] / floor["peak_gib"]
+    target = STEP_TARGETS.get(size)
+    if target:
+        out["targets"] = target
+        # One verdict per target (None without a figure: no memory figures on a CPU), then all of them.
+        out["checks"] = {k: None if out.get(k) is None else out[k] <= v for k, v in target.items()}
+        out["met"] = None if None in out["checks"].values() else all(out["checks"].values())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ sorter
+def _median_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()  # host-device sync: read this repetition's time
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def _extra_mib(fn, device: torch.device) -> float | None:
+    """Peak memory one call adds over what was allocated before it."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def sorters(network: str, n: int, steepness: float, device: torch.device, compiled: bool) -> dict:
+    def sparse(x):
+        return diff_sort(x, network, steepness)
+
+    if compiled:
+        return {"sparse_compiled": torch.compile(sparse)}
+    impls = {"sparse": sparse, "dense": lambda x: diff_sort_dense(x, network, steepness)}
+    try:
+        from diffsort import DiffSortNet
+
+        impls["diffsort"] = DiffSortNet(network, n, device=device, steepness=steepness, distribution="cauchy")
+    except ImportError:
+        pass
+    return impls
+
+
+def measure_sorts(args, device: torch.device, compiled: bool) -> list[dict]:
+    rows, n, steepness = args.sort_rows, 49, 100.0
+    x0 = torch.randn(rows, n, device=device)
+    grad = torch.randn(rows, n, n, device=device)  # a random upstream gradient for the permutation matrices
+    records = []
+    for network in ("bitonic", "odd_even"):
+        impls = sorters(network, n, steepness, device, compiled)
+        for name, fn in impls.items():
+
+            def fwd_bwd(fn=fn):
+                x = x0.clone().requires_grad_(True)
+                fn(x)[1].backward(grad)
+
+            def fwd(fn=fn):
+                with torch.no_grad():
+                    fn(x0)
+
+            record = {"kind": "sort", "impl": name, "network": network, "rows": rows, "n": n,
+                      "steepness": steepness, "distribution": "cauchy", "warmup": args.sort_warmup,
+                      "reps": args.sort_reps}
+            try:
+                record["fwd_bwd_ms"] = _median_ms(fwd_bwd, device, args.sort_warmup, args.sort_reps)
+                record["fwd_ms"] = _median_ms(fwd, device, args.sort_warmup, args.sort_reps)
+                record["peak_mib"] = _extra_mib(fwd_bwd, device)
+                record["fwd_peak_mib"] = _extra_mib(fwd, device)
+            except Exception as err:
+                record["error"] = failure(err)
+            fresh_memory(device)
+            records.append(record)
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ loader
+def measure_loader(data_cfg, workers: int, rounds: int, device: torch.device, source_side: int) -> dict:
+    """Images/s of the real pipeline (JPEG decode, MultiCrop, collate), model off, over synthetic scenes."""
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from neco.data.datasets import ImageFileDataset
+    from neco.data.synthetic import SyntheticScenes
+
+    scenes = SyntheticScenes("train", num_images=16, image_size=source_side, seed=0)
+    batch = data_cfg.batch_size
+    num_batches = rounds * max(workers, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(len(scenes)):
+            path = Path(tmp) / f"{i:03d}.jpg"
+            scenes[i][0].resize(SOURCE_IMAGE, Image.BILINEAR).save(path, quality=90)
+            paths.append(path)
+        files = [paths[i % len(paths)] for i in range(batch * num_batches)]
+        loader = DataLoader(ImageFileDataset(files, build_multicrop(data_cfg)), batch_size=batch,
+                            num_workers=workers, pin_memory=device.type == "cuda", drop_last=True)
+        start = time.perf_counter()
+        arrivals = [time.perf_counter() for _ in loader]
+    total = arrivals[-1] - start
+    # The first wave (one batch per worker) includes worker start-up; the steady rate is measured after it.
+    first = max(workers, 1) - 1
+    steady = None
+    if first + 1 < len(arrivals):
+        steady = (len(arrivals) - 1 - first) * batch / (arrivals[-1] - arrivals[first])
+    return {"kind": "loader", "workers": workers, "batch": batch, "batches": len(arrivals),
+            "global_size": data_cfg.global_size, "local_size": data_cfg.local_size,
+            "source_image": list(SOURCE_IMAGE), "images_per_s": steady,
+            "images_per_s_with_startup": len(arrivals) * batch / total}
+
+
+# -------------------------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m neco.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny CPU run: vit_tiny, batch 2, 1 step")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--backbone", default="dinov2_vits14_reg")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--sizes", default="224,518", help="global crop sizes, comma-separated")
+    p.add_argument("--local-size", type=int, default=98)
+    p.add_argument("--dense-sizes", default="224", help="global sizes that also run loss.sorter=dense")
+    p.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
+    p.add_argument("--compile", action="store_true", help="nn.Module.compile on both backbones")
+    p.add_argument("--compile-sort", action="store_true", help="also time torch.compile'd sparse sorts")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--sort-rows", type=int, default=3136)
+    p.add_argument("--sort-warmup", type=int, default=3)
+    p.add_argument("--sort-reps", type=int, default=20)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--loader-rounds", type=int, default=4, help="batches per worker in the loader measure")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
+    p.add_argument("--out", type=Path, help="also write the JSON lines to this file")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. loss.network=odd_even")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.device, args.backbone, args.batch, args.sizes, args.local_size = "cpu", "vit_tiny", 2, "64", 32
+        args.dense_sizes, args.warmup, args.steps, args.sort_rows = "64", 0, 1, 16
+        args.sort_warmup, args.sort_reps, args.workers, args.loader_rounds = 0, 1, 0, 1
+    return args
+
+
+def base_config(args):
+    cfg = OmegaConf.structured(TrainConfig)  # the published ViT-S/14 recipe's loss and optimizer settings
+    cfg.backbone.name, cfg.backbone.weights = args.backbone, "random"
+    cfg.data.batch_size, cfg.data.local_size, cfg.compile = args.batch, args.local_size, args.compile
+    cfg.merge_with(OmegaConf.from_dotlist(args.overrides))
+    return cfg
+
+
+def print_table(records: list[dict], file=sys.stderr) -> None:
+    env = records[0]
+    print(f"\nneco.bench on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+          f"timm {env['timm']})", file=file)
+    for r in records:
+        if r["kind"] == "step":
+            what = r["objective"] + (f"/{r['sorter']}" if r["sorter"] else "")
+            what += " compiled" if r["compile"] else ""
+            kind = "floor" if r["objective"] == "floor" else "reference"
+            anchor = None if r["compile"] else ANCHORS.get(r["global_size"], {}).get(kind)
+            ref = f"   anchor {anchor[0]:.0f} img/s, {anchor[1]:.1f} GiB" if anchor else ""
+            if "error" in r:
+                print(f"  step {r['global_size']:>4} {what:<22} {r['error']}", file=file)
+            else:
+                mem = f"{r['peak_gib']:6.1f} GiB" if r["peak_gib"] is not None else "     - GiB"
+                print(f"  step {r['global_size']:>4} {what:<22} {r['images_per_s']:8.1f} img/s {mem}{ref}",
+                      file=file)
+        elif r["kind"] == "ratio":
+            verdict = {True: "met", False: "NOT met", None: "-"}
+            checks = r.get("checks", {})
+            goal = ", ".join(f"{k} <= {v} {verdict[checks.get(k)]}" for k, v in r.get("targets", {}).items())
+            mem = f"memory x{r['memory_ratio']:.2f}" if "memory_ratio" in r else "memory -"
+            peak = f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""
+            print(f"  NeCo/floor {r['global_size']:>4}: time x{r['time_ratio']:.2f}, {mem}{peak}"
+                  f"   targets: {goal or '-'}", file=file)
+        elif r["kind"] == "sort" and "error" not in r:
+            peak = f"{r['peak_mib']:7.0f} MiB" if r["peak_mib"] is not None else "      - MiB"
+            target = SORT_TARGET_MS[r["network"]]
+            verdict = "MET" if r["fwd_bwd_ms"] <= target else "NOT MET"
+            print(f"  sort {r['network']:<8} {r['impl']:<16} fwd+bwd {r['fwd_bwd_ms']:8.2f} ms  "
+                  f"fwd {r['fwd_ms']:7.2f} ms  {peak}   target {target} ms: {verdict}", file=file)
+        elif r["kind"] == "loader":
+            rate = f"{r['images_per_s']:.1f}" if r["images_per_s"] else "-"
+            print(f"  loader {r['global_size']}/{r['local_size']} workers={r['workers']}: {rate} img/s "
+                  f"({r['images_per_s_with_startup']:.1f} with start-up)", file=file)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    torch.set_float32_matmul_precision("high")  # as neco.train: TF32 for the objective's fp32 products
+    amp_dtype = resolve_precision(args.precision, device)
+    parts = set(args.parts.split(","))
+    if args.compile:
+        # One static graph per crop shape (three per configuration): faster than one dynamic-shape graph,
+        # whose inductor lowering of the patch grid has failed on this model.
+        torch._dynamo.config.automatic_dynamic_shapes = False
+    env = environment(device)
+    out = args.out.open("w") if args.out else None
+    records = []
+
+    def emit(record: dict | None) -> None:
+        if record is None:
+            return
+        record = {**env, **record}
+        records.append(record)
+        line = json.dumps(record)
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()  # a run cut short keeps what it measured
+
+    emit({"kind": "env", "quick": args.quick, "python": platform.python_version(), "parts": sorted(parts)})
+    if "sort" in parts:
+        for r in measure_sorts(args, device, compiled=False):
+            emit(r)
+    if "step" in parts:
+        dense_sizes = {int(s) for s in args.dense_sizes.split(",") if s}
+        for size in (int(s) for s in args.sizes.split(",")):
+            cfg = base_config(args)
+            cfg.data.global_size = size
+            neco = measure_step(cfg, device, amp_dtype, "neco", args.warmup, args.steps)
+            emit(neco)
+            floor = measure_step(cfg, device, amp_dtype, "floor", args.warmup, args.steps)
+            emit(floor)
+            emit(step_ratio(neco, floor))
+            if size in dense_sizes:
+                cfg.loss.sorter = "dense"
+                emit(measure_step(cfg, device, amp_dtype, "neco", args.warmup, args.steps))
+    if "loader" in parts:
+        cfg = base_config(args)
+        cfg.data.global_size = max(int(s) for s in args.sizes.split(","))
+        emit(measure_loader(cfg.data, args.workers, args.loader_rounds, device, 128 if args.quick else 480))
+    if args.compile_sort and "sort" in parts:
+        for r in measure_sorts(args, device, compiled=True):
+            emit(r)
+    if out:
+        out.close()
+    print_table(records)
+    return records
+
+
+if __name__ == "__main__":
+    main()
