@@ -71,7 +71,7 @@ class LossConfig:
     roi_size: int = 7
     use_teacher: bool = True  # false: the student provides its own (no-grad) targets, as the no-teacher ablation
     head: HeadConfig = field(default_factory=HeadConfig)
-    # Reference behaviour by default; each option below names the fix (see README "Reference quirks").
+    # Reference behaviour by default; each option below names the fix (README: "Faithful to the reference").
     reference_source: str = "teacher"  # teacher (reference) | student (as the paper text describes)
     queue_counter: str = "shared"  # shared (reference: one counter for both queues) | per_queue
     teacher_head_init: str = "independent"  # independent (reference) | copy (teacher head = student head)
