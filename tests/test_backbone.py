@@ -6,19 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_
 
 from neco.models import BACKBONES, ProjectionHead, build_backbone
 from neco.models.backbone import create_vit
-
-
-@torch.no_grad()
-def randomize_(module, seed=0):
-    """Random values everywhere (norm scales and LayerScale around 1), so a wrong mapping shows up."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        centre = 1.0 if name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "gamma")) else 0.0
-        p.copy_(centre + 0.1 * torch.randn(p.shape, generator=g))
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import urllib.error
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_
 from safetensors.torch import save_file
 
 from neco.models import BACKBONES, WeightsError, build_backbone
@@ -29,13 +30,6 @@ except ImportError:  # optional dev dependency: `pip install --no-deps dinov2==0
 needs_dinov2 = pytest.mark.skipif(vit_small is None, reason="dinov2==0.0.1.dev2 not installed")
 
 
-@torch.no_grad()
-def randomize_(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        centre = 1.0 if name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "gamma")) else 0.0
-        p.copy_(centre + 0.1 * torch.randn(p.shape, generator=g))
-    return module
 
 
 @torch.no_grad()
