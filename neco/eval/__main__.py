@@ -1,0 +1,44 @@
+"""`python -m neco.eval`: evaluate a backbone's frozen dense features. Hydra composes conf/evaluate.yaml.
+
+    python -m neco.eval backbone=dinov2_vits14 data=voc eval=hummingbird
+    python -m neco.eval experiment=quickstart checkpoint=outputs/runs/quickstart/checkpoints/last.pt \\
+        data=synthetic 'eval=[overcluster,hummingbird,linear]'
+    python -m neco.eval -m backbone=dinov2_vits14,dinov2_vits14_reg eval=overcluster   # a sweep
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
+
+import neco.config  # noqa: F401  (registers the training schema and resolvers the presets use)
+import neco.eval.config  # noqa: F401  (registers the evaluation schema)
+from neco.train import USER_ERRORS
+
+
+@hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from neco.eval.runner import evaluate
+
+    try:
+        records = evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except MissingMandatoryValue as err:
+        print(f"error: {err.full_key} must be set for this evaluation (e.g. {err.full_key}=/path/to/file)",
+              file=sys.stderr)
+        sys.exit(2)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    first = next(iter(records[0]["metrics"].values()), float("nan")) if records else float("nan")
+    return float(first)  # the sweeper's objective: the first metric of the first protocol
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    main()
