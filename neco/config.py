@@ -28,7 +28,9 @@ class BackboneConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "coco"  # synthetic | coco | imagenet100 | imagenet | voc | folder | a+b (concatenation)
+    # training: synthetic | coco | imagenet100 | imagenet | voc | folder | a+b (concatenation)
+    # evaluation: voc | coco_stuff | coco_things | ade20k | cityscapes | synthetic
+    name: str = "coco"
     global_size: int = 518
     local_size: int = 98
     num_global: int = 2
@@ -43,6 +45,7 @@ class DataConfig:
     num_workers: int = 8
     shuffle: bool = True
     drop_last: bool = True
+    on_bad_image: str = "skip"  # skip (warn, count, use the next image) | raise
     # Only for data=synthetic: procedural scenes generated on the fly.
     synthetic_images: int = 512
     synthetic_size: int = 128
@@ -131,7 +134,8 @@ class LoggerConfig:
 class PathsConfig:
     root: str = "."
     data: str = "data"
-    coco: str = "data/coco/images"
+    coco: str = "data/coco/images"  # training: the folder that directly contains train2017/
+    coco_eval: str = "data/coco"  # COCO-Stuff/Things evaluation: images/{train,val}2017/ and annotations/
     imagenet: str = "data/imagenet"
     voc: str = "data/voc"
     ade20k: str = "data/ADEChallengeData2016"

@@ -7,32 +7,23 @@ the ``paths.<key>`` config entry to fix, the path that was tried and what it sho
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Union
+from typing import NamedTuple, TypeVar, Union
 
+import numpy as np
+import torch
 from PIL import Image, ImageOps
 from torch.utils.data import ConcatDataset, Dataset
 
+from .labels import IMAGENET100_WNIDS
 from .synthetic import SyntheticTrain
 
 PathLike = Union[str, os.PathLike]
+T = TypeVar("T")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-
-# Spec Appendix A: the ImageNet-100 subset (`imagenet100.txt`).
-IMAGENET100_WNIDS = (
-    "n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245 n01773797 "
-    "n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653 "
-    "n02086910 n02859443 n13040303 n03594734 n02085620 n02099849 n01558993 n04493381 n02109047 n04111531 "
-    "n02877765 n04429376 n02009229 n01978455 n02106550 n01820546 n01692333 n07714571 n02974003 n02114855 "
-    "n03785016 n03764736 n03775546 n02087046 n07836838 n04099969 n04592741 n03891251 n02701002 n03379051 "
-    "n02259212 n07715103 n03947888 n04026417 n02326432 n03637318 n01980166 n02113799 n02086240 n03903868 "
-    "n02483362 n04127249 n02089973 n03017168 n02093428 n02804414 n02396427 n04418357 n02172182 n01729322 "
-    "n02113978 n03787032 n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029 "
-    "n03837869 n03494278 n04136333 n03794056 n03492542 n02018207 n04067472 n03930630 n03584829 n02123045 "
-    "n04229816 n02100583 n03642806 n04336792 n03259280 n02116738 n02108089 n03424325 n01855672 n02090622"
-).split()
 
 TRAIN_DATASETS = ("synthetic", "coco", "imagenet100", "imagenet", "voc", "folder")
 # Names used by the reference configs, accepted as synonyms.
@@ -47,17 +38,101 @@ class ImageReadError(OSError):
     """An image file exists but cannot be decoded."""
 
 
-def load_rgb(path: PathLike) -> Image.Image:
-    """Open an image as RGB, honouring its EXIF orientation (phone photos are often stored rotated)."""
+BAD_IMAGE_POLICIES = ("skip", "raise")
+# A bad file is replaced by the next readable one; this many failures in a row means the data is broken.
+MAX_CONSECUTIVE_BAD = 16
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+log = logging.getLogger("neco")
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit greyscale ('I;16*', or 'I' as PIL opens some 16-bit files) -> 8-bit 'L', scaled by 255/65535.
+
+    PIL's own convert("RGB") clips these values at 255, which turns most 16-bit images white.
+    """
+    values = np.asarray(im, dtype=np.float64)
+    return Image.fromarray(np.round(np.clip(values, 0, 65535) / 257.0).astype(np.uint8), mode="L")
+
+
+def load_rgb(path: PathLike, exif: bool = True) -> Image.Image:
+    """Open an image as 8-bit RGB: greyscale, palette, CMYK and 16-bit files included.
+
+    ``exif=True`` applies the EXIF orientation tag (phone photos are often stored rotated). Images with a
+    pixel-aligned mask must keep ``exif=False``: masks are drawn on the stored pixels, and the reference
+    never rotates either.
+    """
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode == "P" and "transparency" in im.info:
+            if exif:
+                im = ImageOps.exif_transpose(im)
+            if im.mode in _HIGH_BIT_MODES:
+                im = _to_8bit(im)
+            elif im.mode in ("P", "PA") and "transparency" in im.info:
                 # Palette transparency must go through RGBA, or PIL warns and may mis-map colours.
                 im = im.convert("RGBA")
             return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"could not read image {path}: {e}") from e
+
+
+class BadImageCounter:
+    """How many unreadable images were replaced so far, shared with DataLoader worker processes.
+
+    The count lives in shared memory so the trainer (main process) sees what its workers skipped. Two workers
+    failing at the same instant may lose one increment; the count is a warning signal, not an exact tally.
+    """
+
+    def __init__(self):
+        self._count = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._warned: set[str] = set()  # per process: one warning per file
+
+    def record(self, path: str, error: Exception) -> None:
+        self._count += 1
+        if path not in self._warned:
+            self._warned.add(path)
+            log.warning("skipping unreadable image (data.on_bad_image=skip): %s", error)
+
+    @property
+    def value(self) -> int:
+        return int(self._count)
+
+
+def check_bad_image_policy(policy: str) -> str:
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"data.on_bad_image={policy!r}: choose skip (warn, count, use the next image) or raise")
+    return policy
+
+
+def read_or_substitute(read: Callable[[int], T], index: int, size: int, policy: str,
+                       counter: BadImageCounter, path_of: Callable[[int], str]) -> T:
+    """``read(index)``; under ``policy="skip"`` an :class:`ImageReadError` is counted and the next index is
+    read instead (the batch keeps its size, and the replacement is deterministic)."""
+    for step in range(min(size, MAX_CONSECUTIVE_BAD)):
+        i = (index + step) % size
+        try:
+            return read(i)
+        except ImageReadError as e:
+            if policy == "raise":
+                raise ImageReadError(f"{e} (set data.on_bad_image=skip to skip unreadable images)") from e
+            counter.record(path_of(i), e)
+    raise ImageReadError(
+        f"{min(size, MAX_CONSECUTIVE_BAD)} images in a row could not be read, starting at {path_of(index)}: "
+        "the dataset looks broken (run python -m neco.data.check)"
+    )
+
+
+def bad_image_count(dataset) -> int:
+    """Unreadable images skipped so far by ``dataset`` (or the parts of a concatenation); 0 if it never skips."""
+    counters = {}
+    stack = [dataset]
+    while stack:
+        d = stack.pop()
+        if isinstance(d, ConcatDataset):
+            stack.extend(d.datasets)
+        elif isinstance(getattr(d, "bad_counter", None), BadImageCounter):
+            counters[id(d.bad_counter)] = d.bad_counter
+    return sum(c.value for c in counters.values())
 
 
 def _has_ext(name: str, extensions: Sequence[str]) -> bool:
@@ -82,17 +157,25 @@ def list_images(
 
 
 class ImageFileDataset(Dataset):
-    """A fixed list of image files -> ``transform(RGB image)`` (the image itself without a transform)."""
+    """A fixed list of image files -> ``transform(RGB image)`` (the image itself without a transform).
 
-    def __init__(self, files: Sequence[PathLike], transform: Callable | None = None):
+    ``on_bad_image="skip"`` replaces an unreadable file by the next readable one, logs a warning and counts it
+    in ``bad_counter`` (see :func:`bad_image_count`); ``"raise"`` raises :class:`ImageReadError`.
+    """
+
+    def __init__(self, files: Sequence[PathLike], transform: Callable | None = None, on_bad_image: str = "raise",
+                 bad_counter: BadImageCounter | None = None):
         self.files = [os.fspath(f) for f in files]
         self.transform = transform
+        self.on_bad_image = check_bad_image_policy(on_bad_image)
+        self.bad_counter = bad_counter or BadImageCounter()
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        image = load_rgb(self.files[index])
+        image = read_or_substitute(lambda i: load_rgb(self.files[i]), index, len(self.files), self.on_bad_image,
+                                   self.bad_counter, self.files.__getitem__)
         return self.transform(image) if self.transform is not None else image
 
 
@@ -215,26 +298,55 @@ def imagenet100_train(
     return imagenet_train(root, transform, listed if os.path.isfile(listed) else IMAGENET100_WNIDS, key)
 
 
-def voc_trainaug(root: PathLike, transform: Callable | None = None, key: str = "voc") -> ImageFileDataset:
-    """Pascal VOC ``trainaug`` images (spec §7.1), listed by ``VOCSegmentation/sets/trainaug.txt``.
+class VocLayout(NamedTuple):
+    folder: str  # the VOCSegmentation folder (reference layout) or VOCdevkit/VOC2012 (the official tarball)
+    images: str
+    sets: str
 
-    ``root`` may be the folder containing ``VOCSegmentation/`` or that folder itself.
+
+def find_voc(root: PathLike, key: str = "voc") -> VocLayout:
+    """The Pascal VOC folder under ``root``: ``root/VOCSegmentation`` (the reference appends it), ``root``
+    itself (DATASET.md shows the inner folder), or the official ``VOCdevkit/VOC2012`` tree, whose
+    ``JPEGImages`` and ``ImageSets/Segmentation`` stand for ``images`` and ``sets``."""
+    root = os.path.expanduser(os.fspath(root))
+    for folder in (os.path.join(root, "VOCSegmentation"), root, os.path.join(root, "VOCdevkit", "VOC2012"),
+                   os.path.join(root, "VOC2012")):
+        images = next((d for d in (os.path.join(folder, "images"), os.path.join(folder, "JPEGImages"))
+                       if os.path.isdir(d)), None)
+        sets = next((d for d in (os.path.join(folder, "sets"), os.path.join(folder, "ImageSets", "Segmentation"))
+                     if os.path.isdir(d)), None)
+        if images and sets:
+            return VocLayout(folder, images, sets)
+    raise DatasetNotFound(
+        f"paths.{key}={root}: expected {os.path.join(root, 'VOCSegmentation')} with images/, sets/ and the "
+        "mask folders (or the folder itself, or VOCdevkit/VOC2012 with JPEGImages/ and ImageSets/Segmentation/), "
+        "but none was found"
+    )
+
+
+def read_ids(path: str, key: str, root: PathLike, what: str) -> list[str]:
+    """Image ids listed one per line in ``path``."""
+    if not os.path.isfile(path):
+        raise DatasetNotFound(f"paths.{key}={os.fspath(root)}: expected {path} ({what}, one id per line), "
+                              "but it does not exist")
+    with open(path) as f:
+        ids = [line.split()[0] for line in f if line.strip()]
+    if not ids:
+        raise DatasetNotFound(f"paths.{key}={os.fspath(root)}: no images found: {path} lists no image ids")
+    return ids
+
+
+def voc_trainaug(root: PathLike, transform: Callable | None = None, key: str = "voc") -> ImageFileDataset:
+    """Pascal VOC ``trainaug`` images (spec §7.1), listed by ``sets/trainaug.txt`` (see :func:`find_voc`).
+
+    ``python -m neco.data.prepare dataset=voc_aug`` writes that list from VOC and SBD.
     """
     root = os.path.expanduser(os.fspath(root))
-    voc = os.path.join(root, "VOCSegmentation")
-    if not os.path.isdir(voc) and os.path.isdir(os.path.join(root, "sets")):
-        voc = root
-    split = os.path.join(voc, "sets", "trainaug.txt")
-    if not os.path.isfile(split):
-        raise DatasetNotFound(
-            f"paths.{key}={root}: expected {split} (the trainaug image ids, one per line) next to "
-            f"{os.path.join(voc, 'images')}/<id>.jpg, but it does not exist"
-        )
-    with open(split) as f:
-        ids = [line.strip() for line in f if line.strip()]
-    if not ids:
-        raise DatasetNotFound(f"paths.{key}={root}: no images found: {split} lists no image ids")
-    files = [os.path.join(voc, "images", f"{i}.jpg") for i in ids]
+    voc = find_voc(root, key)
+    split = os.path.join(voc.sets, "trainaug.txt")
+    ids = read_ids(split, key, root, f"the trainaug image ids, next to {voc.images}/<id>.jpg; "
+                   "python -m neco.data.prepare dataset=voc_aug writes it")
+    files = [os.path.join(voc.images, f"{i}.jpg") for i in ids]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise DatasetNotFound(
@@ -256,13 +368,17 @@ def build_train_dataset(
     roots: Mapping[str, PathLike | None],
     transform: Callable | None = None,
     synthetic: Mapping | None = None,
+    on_bad_image: str = "skip",
 ) -> Dataset:
     """The training dataset ``name`` (``synthetic``, ``coco``, ``imagenet100``, ``imagenet``, ``voc``,
     ``folder``, or several joined by ``+`` such as ``coco+imagenet100``, concatenated in that order).
 
     ``roots`` maps ``coco``, ``imagenet`` (also used for ImageNet-100), ``voc`` and ``folder`` to folders:
     the ``paths`` config group. ``synthetic`` holds keyword arguments for :class:`SyntheticTrain`.
+    ``on_bad_image`` (``data.on_bad_image``): ``skip`` or ``raise``; every part shares one counter, read it
+    with :func:`bad_image_count`.
     """
+    check_bad_image_policy(on_bad_image)
     parts = [p.strip().lower() for p in name.replace(",", "+").split("+") if p.strip()]
     parts = [_ALIASES.get(p, p) for p in parts]
     unknown = [p for p in parts if p not in TRAIN_DATASETS]
@@ -272,16 +388,14 @@ def build_train_dataset(
             "or several joined by '+' (e.g. coco+imagenet100)"
         )
     datasets = [_build_one(p, roots, transform, synthetic) for p in parts]
+    counter = BadImageCounter()
+    for d in datasets:
+        if isinstance(d, ImageFileDataset):
+            d.on_bad_image, d.bad_counter = on_bad_image, counter
     return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
 
 
-_ROOT_KEYS = {
-    "coco": "coco",
-    "imagenet100": "imagenet",
-    "imagenet": "imagenet",
-    "voc": "voc",
-    "folder": "folder",
-}
+_ROOT_KEYS = {"coco": "coco", "imagenet100": "imagenet", "imagenet": "imagenet", "voc": "voc", "folder": "folder"}
 _EXPECTED = {
     "coco": "the folder that directly contains train2017/",
     "imagenet": "the ImageNet folder that contains train/<wnid>/",
@@ -299,11 +413,6 @@ def _build_one(
     root = roots.get(key)
     if root is None or os.fspath(root) == "":
         raise DatasetNotFound(f"paths.{key} is not set: set it to {_EXPECTED[key]} (dataset {part!r})")
-    readers = {
-        "coco": coco_train,
-        "imagenet100": imagenet100_train,
-        "imagenet": imagenet_train,
-        "voc": voc_trainaug,
-        "folder": folder_train,
-    }
+    readers = {"coco": coco_train, "imagenet100": imagenet100_train, "imagenet": imagenet_train,
+               "voc": voc_trainaug, "folder": folder_train}
     return readers[part](root, transform, key=key)

@@ -58,6 +58,10 @@ class SyntheticScenes(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
+    def image_id(self, index: int) -> str:
+        """A stable name for image ``index`` (the on-disk datasets use file stems)."""
+        return f"{self.split}_{index:06d}"
+
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, SPLIT_IDS[self.split], index])
 
