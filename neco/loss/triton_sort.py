@@ -1,0 +1,334 @@
+"""The differentiable sorting network of :func:`neco.loss.sorting.diff_sort` as two fused Triton kernels.
+
+One program sorts one row: it keeps the row's values and its permutation matrix in registers through every
+layer of the network, so the forward pass writes only its results and, per layer and comparator, the
+difference ``d = x[second] - x[first]`` that the comparator saw (``rows x layers x comparators``, the same
+count as the swap weights ``alpha = f(steepness * d)``; keeping ``d`` rather than ``alpha`` lets the backward
+pass recompute both ``alpha`` and its slope exactly). The backward pass rebuilds the matrices it needs from
+those differences: one replay of the network stores a checkpoint every ``SEGMENT`` layers, and each layer's
+input matrix is replayed from its segment's checkpoint, so memory stays at a few matrices per row.
+
+Wires live on power-of-two "slots" (Triton blocks are powers of two): the padded bitonic network already has
+that many wires, its lowest ``pad`` being the dropped ones (diffsort's convention); odd-even leaves the slots
+above ``n`` unused. Unused slots hold zeros and identity comparators, which pass them through unchanged. The
+network is the sparse path's own (:func:`neco.loss.sorting.sorting_network`), so both follow diffsort 0.2.0.
+
+Moving a value to its comparator partner is a gather along the wire axis: ``tl.gather`` (Triton >= 3.2) by
+default, or a round trip through a per-row scratch buffer in global memory (``exchange="scratch"``), which any
+Triton supports. float32 and float64 inputs are computed in their own precision (half precision in float32).
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from neco.loss.sorting import _prepare, diff_sort, sorting_network
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the sparse path needs no Triton; asking for this one says why it cannot run
+    triton = None
+
+# The interpreter is chosen when the kernels below are defined, i.e. when this module is imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Distributions with a kernel, and their codes in it. gaussian and logistic_phi (erf; |d|^-lambda with its kink
+# at ties) run on the sparse path instead: they are not NeCo's setting and would need more special functions.
+KERNEL_DISTRIBUTIONS = {"cauchy": 0, "logistic": 1, "reciprocal": 2, "optimal": 3}
+EXCHANGES = ("gather", "scratch")
+DEFAULT_EXCHANGE = "gather" if triton is not None and hasattr(tl, "gather") else "scratch"
+SEGMENT = 4  # layers per backward checkpoint: the replay costs ~SEGMENT/2 layers per layer, memory L/SEGMENT
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton sorter cannot run on ``device`` here, or None when it can."""
+    if triton is None:
+        return "triton is not installed"
+    if device.type == "cuda" and not INTERPRETED:
+        return None
+    if INTERPRETED:
+        return None  # the interpreter runs on host copies of any tensor
+    return f"Triton kernels need a CUDA tensor (got {device.type}; TRITON_INTERPRET=1 runs them on CPU)"
+
+
+def check_available(device: torch.device) -> None:
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise ValueError(f"loss.sorter=triton cannot run: {reason}; use loss.sorter=sparse")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _atan(v):
+        # Cephes' atan (rational approximation after range reduction), accurate to float64 rounding; Triton has
+        # no portable atan (libdevice is not available in the interpreter). Constants are made in v's dtype so
+        # float64 runs are not limited by float32 literals.
+        dt = v.dtype
+        ax = tl.abs(v)
+        big = ax > 2.414213562373095  # tan(3 pi / 8)
+        mid = (ax > 0.66) & (ax <= 2.414213562373095)
+        xr = tl.where(big, -1 / tl.where(big, ax, 1), tl.where(mid, (ax - 1) / (ax + 1), ax))
+        base = tl.where(big, tl.full([], 1.5707963267948966, dt),
+                        tl.where(mid, tl.full([], 0.7853981633974483, dt), 0))
+        more = tl.where(big, tl.full([], 6.123233995736766e-17, dt),  # the low bits of pi / 2 and pi / 4
+                        tl.where(mid, tl.full([], 3.061616997868383e-17, dt), 0))
+        z = xr * xr
+        p = tl.full([], -8.750608600031904e-1, dt) * z + tl.full([], -1.6157537187333652e1, dt)
+        p = p * z + tl.full([], -7.500855792314705e1, dt)
+        p = p * z + tl.full([], -1.2288666844901361e2, dt)
+        p = p * z + tl.full([], -6.485021904942025e1, dt)
+        q = z + tl.full([], 2.485846490142306e1, dt)
+        q = q * z + tl.full([], 1.6502700983169885e2, dt)
+        q = q * z + tl.full([], 4.3288106049129027e2, dt)
+        q = q * z + tl.full([], 4.8539039963591370e2, dt)
+        q = q * z + tl.full([], 1.9455065714826140e2, dt)
+        r = base + ((xr * (z * p / q) + xr) + more)
+        return tl.where(v < 0, -r, r)
+
+    @triton.jit
+    def _alpha(d, steep, DIST: tl.constexpr):
+        # alpha = f(steepness * d) and d alpha / d d, in the operation order of neco.loss.sorting's _ALPHA.
+        v = steep * d
+        if DIST == 0:  # cauchy
+            inv_pi = tl.full([], 0.3183098861837907, d.dtype)
+            a = inv_pi * _atan(v) + 0.5
+            slope = inv_pi / (1 + v * v)
+        elif DIST == 1:  # logistic
+            a = 1 / (1 + tl.exp(-v))
+            slope = a * (1 - a)
+        elif DIST == 2:  # reciprocal
+            a = 0.5 * (v / (2 + tl.abs(v)) + 1)
+            slope = 1 / ((2 + tl.abs(v)) * (2 + tl.abs(v)))
+        else:  # optimal: linear on [-1/4, 1/4], then 1/x tails
+            tail = (v > 0.25).to(v.dtype) - (v < -0.25).to(v.dtype)
+            a = tl.minimum(tl.maximum(v, -0.25), 0.25) + 0.5 + tail * (0.25 - 1 / 16 / (tl.abs(v) + 1e-10))
+            slope = tl.where(tl.abs(v) <= 0.25, 1, 1 / 16 / ((tl.abs(v) + 1e-10) * (tl.abs(v) + 1e-10)))
+        return a, slope * steep
+
+    @triton.jit
+    def _swap_vec(v, p, u, scr, GATHER: tl.constexpr):
+        # v[p[u]] for every slot u: the value of u's comparator partner.
+        if GATHER:
+            out = tl.gather(v, p, 0)
+        else:
+            tl.debug_barrier()  # every thread is done reading the scratch before it is overwritten
+            tl.store(scr + u, v)
+            tl.debug_barrier()
+            out = tl.load(scr + p)
+        return out
+
+    @triton.jit
+    def _swap_mat(m, p, i2, j2, scr, S: tl.constexpr, GATHER: tl.constexpr):
+        # m[i, p[j]]: each wire column replaced by its partner's.
+        if GATHER:
+            out = tl.gather(m, tl.zeros([S, S], tl.int32) + p[None, :], 1)
+        else:
+            tl.debug_barrier()
+            tl.store(scr + i2 * S + j2, m)
+            tl.debug_barrier()
+            out = tl.load(scr + i2 * S + p[None, :])
+        return out
+
+    @triton.jit
+    def _layer(tab_ptr, d_ptr, l, row, u, real, steep, L, C, S: tl.constexpr, DIST: tl.constexpr):
+        # A layer's comparators as seen from each slot, with the stored differences turned back into weights.
+        t = tab_ptr + l * 3 * S
+        p = tl.load(t + u)
+        code = tl.load(t + S + u)
+        d = tl.load(d_ptr + (row * L + l) * C + tl.load(t + 2 * S + u), mask=real, other=0.0)
+        a, slope = _alpha(d, steep, DIST)
+        flip = (code & 2) != 0
+        return p, (code & 1) != 0, flip, d, tl.where(flip, 1 - a, a), tl.where(flip, a, 1 - a), slope
+
+    @triton.jit
+    def _replay(m, tab_ptr, d_ptr, start, stop, row, u, i2, j2, real, steep, scr, L, C,
+                S: tl.constexpr, DIST: tl.constexpr, GATHER: tl.constexpr):
+        # Apply layers [start, stop) to the matrix m (inputs x wires), as the forward pass did.
+        for k in range(start, stop):
+            p, lo, flip, d, own, other, slope = _layer(tab_ptr, d_ptr, k, row, u, real, steep, L, C, S, DIST)
+            m = own[None, :] * m + other[None, :] * _swap_mat(m, p, i2, j2, scr, S, GATHER)
+        return m
+
+    @triton.jit
+    def _sort_fwd(x_ptr, steep_ptr, tab_ptr, d_ptr, xs_ptr, X_ptr, scr_ptr, n, L, C, OFF,
+                  S: tl.constexpr, DIST: tl.constexpr, GATHER: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        u = tl.arange(0, S)
+        real = (u >= OFF) & (u < OFF + n)
+        i2 = u[:, None]
+        j2 = u[None, :]
+        real2 = real[:, None] & real[None, :]
+        x = tl.load(x_ptr + row * n + u - OFF, mask=real, other=0.0)
+        steep = tl.load(steep_ptr)
+        scr = scr_ptr + row * S * S
+        m = tl.where((i2 == j2) & real2, 1, 0).to(x.dtype)  # m[i, j]: mass of input i on wire j
+        for l in range(L):
+            t = tab_ptr + l * 3 * S
+            p = tl.load(t + u)
+            code = tl.load(t + S + u)
+            lo = (code & 1) != 0
+            flip = (code & 2) != 0
+            xp = _swap_vec(x, p, u, scr, GATHER)
+            # Both wires of a comparator compute the same d = x[second] - x[first], bit for bit.
+            d = tl.where(lo, xp - x, x - xp)
+            tl.store(d_ptr + (row * L + l) * C + tl.load(t + 2 * S + u), d, mask=lo & real)
+            a, slope = _alpha(d, steep, DIST)
+            own = tl.where(flip, 1 - a, a)
+            other = tl.where(flip, a, 1 - a)
+            x = own * x + other * xp
+            m = own[None, :] * m + other[None, :] * _swap_mat(m, p, i2, j2, scr, S, GATHER)
+        tl.store(xs_ptr + row * n + u - OFF, x, mask=real)
+        tl.store(X_ptr + row * n * n + (i2 - OFF) * n + j2 - OFF, m, mask=real2)
+
+    @triton.jit
+    def _sort_bwd(gxs_ptr, gX_ptr, steep_ptr, tab_ptr, d_ptr, ck_ptr, scr_ptr, gx_ptr, n, L, C, OFF, K, NCK,
+                  S: tl.constexpr, DIST: tl.constexpr, GATHER: tl.constexpr,
+                  HAS_GXS: tl.constexpr, HAS_GX: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        u = tl.arange(0, S)
+        real = (u >= OFF) & (u < OFF + n)
+        i2 = u[:, None]
+        j2 = u[None, :]
+        real2 = real[:, None] & real[None, :]
+        at = (i2 - OFF) * n + j2 - OFF
+        steep = tl.load(steep_ptr)
+        scr = scr_ptr + row * S * S
+        eye = tl.where((i2 == j2) & real2, 1, 0).to(steep.dtype)
+        if HAS_GXS:
+            gy = tl.load(gxs_ptr + row * n + u - OFF, mask=real, other=0.0)
+        else:
+            gy = tl.zeros([S], steep.dtype)
+        if HAS_GX:
+            # Checkpoints: the matrix entering layers K, 2K, ..., NCK*K (the one entering layer 0 is eye).
+            m = eye
+            for k in range(NCK):
+                m = _replay(m, tab_ptr, d_ptr, k * K, k * K + K, row, u, i2, j2, real, steep, scr, L, C,
+                            S, DIST, GATHER)
+                tl.store(ck_ptr + (row * NCK + k) * n * n + at, m, mask=real2)
+            gm = tl.load(gX_ptr + row * n * n + at, mask=real2, other=0.0)
+        for j in range(L):
+            l = L - 1 - j
+            p, lo, flip, d, own, other, slope = _layer(tab_ptr, d_ptr, l, row, u, real, steep, L, C, S, DIST)
+            # Per slot w: d(outputs of w)/d(own weight) summed against their gradients; own = alpha unless
+            # flipped. The values' part uses x[w] - x[partner] = -d on the first wire, +d on the second.
+            gyp = _swap_vec(gy, p, u, scr, GATHER)
+            t = gy * tl.where(lo, -d, d)
+            if HAS_GX:
+                s = l // K
+                z = tl.load(ck_ptr + (row * NCK + tl.maximum(s - 1, 0)) * n * n + at, mask=real2 & (s > 0),
+                            other=0.0) + tl.where(s > 0, 0, eye)
+                z = _replay(z, tab_ptr, d_ptr, s * K, l, row, u, i2, j2, real, steep, scr, L, C, S, DIST, GATHER)
+                gmp = _swap_mat(gm, p, i2, j2, scr, S, GATHER)
+                # sum_i g[i, w] (z[i, w] - z[i, p(w)]), its second half summed over the pair as
+                # sum_i g[i, p(w)] z[i, w]: the comparator total is the same and no gather of z is needed.
+                t += tl.sum((gm - gmp) * z, axis=0)
+                gm = own[None, :] * gm + other[None, :] * gmp
+            t = tl.where(flip, -t, t)
+            g_d = (t + _swap_vec(t, p, u, scr, GATHER)) * slope  # both wires of the comparator share alpha
+            gy = own * gy + other * gyp + tl.where(lo, -g_d, g_d)
+        tl.store(gx_ptr + row * n + u - OFF, gy, mask=real)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A network laid out on ``slots`` power-of-two wires for the kernels."""
+
+    table: torch.Tensor  # (layers, 3, slots) int32: partner slot, 1 = first wire | 2 = flipped, comparator
+    layers: int
+    comparators: int  # most comparators in a layer, identities included
+    slots: int
+    offset: int  # slot of wire 0
+
+
+@lru_cache(maxsize=64)
+def _plan(network: str, n: int, device: torch.device) -> _Plan:
+    layers = sorting_network(network, n)
+    slots = max(2, 1 << (n - 1).bit_length())
+    offset = slots - n if network == "bitonic" else 0  # bitonic: the dropped wires are the lowest
+    table = torch.zeros(max(len(layers), 1), 3, slots, dtype=torch.int32)
+    table[:, 0] = torch.arange(slots, dtype=torch.int32)
+    table[:, 1] = 1  # unused slots: identity comparators (first == second)
+    for index, layer in enumerate(layers):
+        wires = torch.arange(n)
+        comparator = layer.comparator
+        table[index, 0, offset:offset + n] = (layer.partner + offset).int()
+        first = layer.first[comparator] == wires
+        table[index, 1, offset:offset + n] = first.int() + 2 * layer.flipped.int()
+        table[index, 2, offset:offset + n] = comparator.int()
+    comparators = max((len(layer.first) for layer in layers), default=1)
+    return _Plan(table.to(device), len(layers), comparators, slots, offset)
+
+
+def _warps(slots: int) -> int:
+    return 4 if slots >= 64 else 2 if slots >= 32 else 1
+
+
+class _TritonSort(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, network, steepness, distribution, exchange):
+        rows, n = x.shape
+        plan = _plan(network, n, x.device)
+        x = x.contiguous()
+        steep = torch.tensor([steepness], dtype=x.dtype, device=x.device)
+        diffs = torch.empty(rows, max(plan.layers, 1), plan.comparators, dtype=x.dtype, device=x.device)
+        values, X = torch.empty_like(x), torch.empty(rows, n, n, dtype=x.dtype, device=x.device)
+        gather = exchange == "gather"
+        scratch = x.new_empty(1 if gather else rows * plan.slots * plan.slots)
+        _sort_fwd[(rows,)](x, steep, plan.table, diffs, values, X, scratch, n, plan.layers, plan.comparators,
+                           plan.offset, S=plan.slots, DIST=KERNEL_DISTRIBUTIONS[distribution], GATHER=gather,
+                           num_warps=_warps(plan.slots))
+        ctx.save_for_backward(diffs, steep)
+        ctx.setup = (plan, distribution, gather, n)
+        ctx.set_materialize_grads(False)
+        return values, X
+
+    @staticmethod
+    def backward(ctx, g_values, g_X):
+        if g_values is None and g_X is None:
+            return None, None, None, None, None
+        diffs, steep = ctx.saved_tensors
+        plan, distribution, gather, n = ctx.setup
+        rows = diffs.shape[0]
+        checkpoints = (plan.layers - 1) // SEGMENT if g_X is not None and plan.layers else 0
+        ck = diffs.new_empty(max(rows * checkpoints * n * n, 1))
+        scratch = diffs.new_empty(1 if gather else rows * plan.slots * plan.slots)
+        gx = diffs.new_empty(rows, n)
+        # A missing gradient is never read: any tensor of the right dtype stands in for its pointer.
+        gxs = diffs if g_values is None else g_values.to(diffs.dtype).contiguous()
+        gX = diffs if g_X is None else g_X.to(diffs.dtype).contiguous()
+        _sort_bwd[(rows,)](gxs, gX, steep, plan.table, diffs, ck, scratch, gx, n, plan.layers, plan.comparators,
+                           plan.offset, SEGMENT, checkpoints, S=plan.slots, DIST=KERNEL_DISTRIBUTIONS[distribution],
+                           GATHER=gather, HAS_GXS=g_values is not None, HAS_GX=g_X is not None,
+                           num_warps=_warps(plan.slots))
+        return gx, None, None, None, None
+
+
+def triton_diff_sort(
+    x: torch.Tensor,
+    network: str = "bitonic",
+    steepness: float = 10.0,
+    distribution: str = "cauchy",
+    art_lambda: float = 0.25,
+    exchange: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`neco.loss.sorting.diff_sort` (same arguments, results and diffsort 0.2.0 semantics) in Triton.
+
+    ``exchange``: ``"gather"`` (``tl.gather``) or ``"scratch"`` (global-memory round trip), how a comparator
+    reads its partner wire; default ``"gather"`` where this Triton has it. Raises ``ValueError`` where the
+    kernels cannot run (no Triton; a CPU tensor without ``TRITON_INTERPRET=1``).
+    """
+    check_available(x.device)
+    x = _prepare(x, network, distribution)
+    exchange = exchange or DEFAULT_EXCHANGE
+    if exchange not in EXCHANGES:
+        raise ValueError(f"unknown exchange {exchange!r}; valid options: {', '.join(EXCHANGES)}")
+    if distribution not in KERNEL_DISTRIBUTIONS or x.shape[0] == 0:
+        return diff_sort(x, network, steepness, distribution, art_lambda)  # see KERNEL_DISTRIBUTIONS
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _TritonSort.apply(x, network, float(steepness), distribution, exchange)
