@@ -18,10 +18,10 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from neco.eval.clustering import faiss_threads, kmeans_plus_plus, resize_labels
 from neco.eval.metrics import (
     confusion_matrix,
     hungarian_match,
@@ -46,17 +46,6 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest resize of integer label maps ``(..., H, W)`` (used for cluster maps at token resolution).
-
-    ``nearest-exact`` samples at pixel centres like PIL's NEAREST, which resizes the ground-truth masks; plain
-    ``nearest`` would shift labels by half a source pixel when downsampling.
-    """
-    lead = mask.shape[:-2]
-    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()  # labels < 2**24 are exact in float32
-    out = F.interpolate(flat, size=size, mode="nearest-exact")
-    return out.round().long().reshape(*lead, *size)
 
 
 def load_eval_batch(dataset, indices: Sequence[int], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,20 +118,6 @@ def extract_dense_features(
     return torch.cat(feats), torch.cat(masks)
 
 
-@contextlib.contextmanager
-def _faiss_threads(threads: int | None):
-    """Temporarily cap faiss's OpenMP threads (``None`` leaves them alone), restoring the previous value."""
-    if threads is None:
-        yield
-        return
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
-
-
 def _standardise_and_project(x: np.ndarray, pca_dim: int | None) -> np.ndarray:
     """Per-dimension standardisation (population std + 1e-5), then centred PCA, no whitening (spec §6.1)."""
     x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-5)
@@ -152,38 +127,6 @@ def _standardise_and_project(x: np.ndarray, pca_dim: int | None) -> np.ndarray:
         pca.train(x)
         x = pca.apply(x)
     return x
-
-
-def kmeans_plus_plus(x: np.ndarray, k: int, seed: int, max_points: int = 10_000) -> np.ndarray:
-    """Greedy k-means++ seeding of ``k`` centroids from the rows of ``x``.
-
-    faiss seeds with ``k`` uniformly drawn points, which with a single restart regularly puts two seeds in
-    one cluster and merges two others; on the small, few-cluster sets of a quick evaluation that swings the
-    score by tens of mIoU points between seeds. Plain D^2 sampling still does that now and then, so every
-    step draws ``2 + log k`` candidates and keeps the one that lowers the potential most (the greedy variant
-    used by scikit-learn). Seeding only needs a spread-out set, so it runs on at most ``max_points`` rows.
-    """
-    rng = np.random.default_rng(seed)
-    if x.shape[0] > max(max_points, k):
-        x = x[rng.choice(x.shape[0], max(max_points, k), replace=False)]
-    n = x.shape[0]
-    x64 = x.astype(np.float64)
-    sq = (x64**2).sum(axis=1)
-    trials = 2 + int(np.log(k))
-    centers = np.empty((k, x.shape[1]), dtype=np.float32)
-    first = rng.integers(n)
-    centers[0] = x[first]
-    d2 = np.maximum(sq + sq[first] - 2.0 * x64 @ x64[first], 0.0)
-    for c in range(1, k):
-        total = d2.sum()
-        cand = rng.choice(n, size=trials, p=d2 / total) if total > 0 else rng.integers(n, size=trials)
-        # |x - c|^2 through one matmul: (trials, n) without a (trials, n, dim) temporary.
-        dist = np.maximum(sq[None] + sq[cand][:, None] - 2.0 * x64[cand] @ x64.T, 0.0)
-        cand_d2 = np.minimum(d2[None], dist)
-        best = int(np.argmin(cand_d2.sum(axis=1)))
-        centers[c] = x[cand[best]]
-        d2 = cand_d2[best]
-    return centers
 
 
 def _kmeans_assign(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, init: str) -> np.ndarray:
@@ -232,16 +175,16 @@ def kmeans_miou(
     """
     k = num_classes if k is None else k
     n, h, w, d = val_feats.shape
-    with _faiss_threads(threads):
+    with faiss_threads(threads):
         x = _standardise_and_project(val_feats.reshape(-1, d).double().numpy(), pca_dim)
     if x.shape[0] < k:
         raise ValueError(f"k-means with k={k} needs at least k patches, got {x.shape[0]}")
     size = tuple(val_masks.shape[-2:])
     mious, accs, per_class, preds = [], [], [], None
     for seed in seeds:
-        with _faiss_threads(threads):
+        with faiss_threads(threads):
             assign = _kmeans_assign(x, k, int(seed), niter, nredo, init)
-        clusters = _resize_mask(torch.from_numpy(assign.reshape(n, h, w).astype(np.int64)), size)
+        clusters = resize_labels(torch.from_numpy(assign.reshape(n, h, w).astype(np.int64)), size)
         conf = confusion_matrix(clusters, val_masks, k, num_classes, ignore_index)
         mapping = hungarian_match(conf) if k == num_classes else many_to_one_match(conf, "precision")
         iou, miou, acc = iou_from_confusion(remap_confusion(conf, mapping, num_classes))
