@@ -104,14 +104,33 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    name: str = "none"  # none | quick (dense NN retrieval + k-means on the synthetic validation split)
+    # none | quick (dense NN retrieval + k-means on the synthetic validation split) | kmeans_monitor (spec 6.1)
+    # | attn_monitor (spec 6.6; teacher attention, never run by the reference because of a config bug, 10.5)
+    name: str = "none"
     before_training: bool = True
     after_training: bool = True
     every_n_epochs: int = 0  # 0: only before/after
+    every_n_steps: int = 0  # also every N optimizer steps (0: never)
     image_size: int = 64
     train_images: int = 256
-    val_images: int = 128
+    val_images: int = 128  # quick, and the monitors with dataset=synthetic: images generated for the split
     num_figures: int = 6
+    # The monitors (neco.eval.monitors): which split they read, how much of it, and the clustering settings.
+    dataset: str = "voc"  # voc | synthetic | any dataset of neco.data.eval_datasets (read from paths.*)
+    split: str = "val"
+    max_images: Optional[int] = None  # first images of the split; null: all (reference 6.1: 20 batches of 32)
+    batch_size: int = 32
+    mask_size: int = 100  # the k-means monitor scores at mask_size x mask_size
+    ks: list[Any] = field(default_factory=lambda: [500, 300, "classes"])  # ints or "classes"
+    pca_dim: Optional[int] = 50
+    pca_max_points: Optional[int] = 4_000_000
+    kmeans_iters: int = 50
+    kmeans_restarts: int = 5
+    kmeans_seed: int = 1
+    per_class: bool = True  # also log per-class precision and recall (as the reference)
+    faiss_threads: Optional[int] = None  # null: faiss's default
+    attn_threshold: float = 0.6  # fraction of the attention mass kept as foreground
+    boundary_as_foreground: bool = False  # true: ignore-labelled pixels count as foreground (reference callback)
 
 
 @dataclass

@@ -134,10 +134,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run_id = cfg.run_name if run_dir.name == cfg.run_name else f"{cfg.run_name}-{run_dir.name}"
     logger = (MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_id=run_id)
               if main_process else _NoLogger())
-    evaluator = (_quick_evaluator(cfg, run_dir, device, amp_dtype)
-                 if cfg.eval.name == "quick" and main_process else None)
-    if cfg.eval.name not in ("none", "quick"):
-        raise UserError(f"eval.name={cfg.eval.name!r}: choose none or quick")
+    if cfg.eval.name not in ("none", "quick", "kmeans_monitor", "attn_monitor"):
+        raise UserError(f"eval.name={cfg.eval.name!r}: choose none, quick, kmeans_monitor or attn_monitor")
+    evaluator = None
+    if cfg.eval.name == "quick" and main_process:
+        evaluator = _quick_evaluator(cfg, run_dir, device, amp_dtype)
+    elif cfg.eval.name in ("kmeans_monitor", "attn_monitor") and main_process:
+        from neco.eval.monitors import build_monitor
+
+        # Built now, so that a missing evaluation dataset stops the run before the first step.
+        evaluator = build_monitor(cfg.eval, cfg.data, cfg.paths, device=device, amp_dtype=amp_dtype,
+                                  progress=cfg.logger.progress, run_dir=run_dir)
     requeue = DeferredRequeue.install()  # in a submitit job: checkpoint at a step boundary, then requeue
     trainer = Trainer(student=student, teacher=teacher, objective=objective, optimizer=optimizer,
                       schedules=schedules, loader=loader, sampler=sampler, cfg=cfg, run_dir=run_dir,

@@ -170,15 +170,19 @@ class Trainer:
     def _evaluate(self, tag: str) -> None:
         if self.evaluator is None:
             return
-        self.student.eval()
-        metrics = self.evaluator(self.student.backbone, tag)
-        self.student.train()
+        # An evaluator may ask for the teacher (the attention-map monitor reads the teacher's attention).
+        network = self.teacher if getattr(self.evaluator, "model", "student") == "teacher" else self.student
+        was_training = network.training
+        network.eval()
+        metrics = self.evaluator(network.backbone, tag)
+        network.train(was_training)
         if metrics:
             record = {"step": self.state.step, "epoch": self.state.epoch}
             record.update({f"eval/{tag}/{k}": v for k, v in metrics.items()})
             self.logger.log(record)
+            # Per-class values (".../class/<name>/...") go to the metrics log only; the console gets the rest.
             log.info("eval %s: %s", tag, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                                    if isinstance(v, float)))
+                                                    if isinstance(v, float) and "/class/" not in k))
 
     def fit(self) -> dict:
         cfg, accumulate = self.cfg, self.cfg.optim.accumulate
@@ -234,6 +238,9 @@ class Trainer:
                     window_loss, window_n, window_images, window_start = 0.0, 0, 0, time.perf_counter()
                 if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                     self.save()
+                every_steps = cfg.eval.get("every_n_steps", 0)
+                if every_steps and self.state.step % every_steps == 0 and self.state.step < last_step:
+                    self._evaluate(f"step{self.state.step}")
                 if self._stop_requested():  # e.g. SLURM's warning before the time limit: save here, requeue
                     log.info("stop requested at step %d: checkpointing", self.state.step)
                     stopped = True
