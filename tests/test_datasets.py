@@ -199,3 +199,23 @@ def test_loader_with_multicrop(trees):
     inputs, boxes = next(iter(DataLoader(data, batch_size=4, shuffle=True)))
     assert [tuple(x.shape) for x in inputs] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 4
     assert boxes["gc"].shape == (4, 2, 6, 4) and boxes["all"].shape == (4, 6, 2, 4)
+
+
+def test_voc_trainaug_in_the_official_tarball_layout(tmp_path):
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    write_image(voc / "JPEGImages" / "2007_000032.jpg")
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (voc / "ImageSets" / "Segmentation" / "trainaug.txt").write_text("2007_000032\n")
+    assert voc_trainaug(tmp_path).files == [str(voc / "JPEGImages" / "2007_000032.jpg")]
+    (voc / "ImageSets" / "Segmentation" / "trainaug.txt").unlink()
+    with pytest.raises(DatasetNotFound, match=r"paths\.voc=.*trainaug\.txt.*neco\.data\.prepare dataset=voc_aug"):
+        voc_trainaug(tmp_path)
+
+
+def test_train_readers_skip_bad_images_by_default(trees):
+    _, roots = trees
+    (roots["coco"] / "train2017" / "000002.png").write_bytes(b"broken")
+    data = build_train_dataset("coco", roots, size_of)  # data.on_bad_image defaults to skip
+    assert data[1] == (24, 16)  # the next image stands in
+    with pytest.raises(ImageReadError, match="000002.png"):
+        build_train_dataset("coco", roots, size_of, on_bad_image="raise")[1]
