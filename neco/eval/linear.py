@@ -75,7 +75,9 @@ class LinearOptions:
     # ADE20K (151 ids, 0 ignored) the ignore id's IoU, always 0, is averaged in; "exclude_ignore" leaves that
     # id out (150 classes, x151/150).
     miou_classes: str = "all"
-    head: Optional[str] = None  # a saved head: skip training, only evaluate it at eval_mask_size
+    # A saved head (<out_dir>/heads/*.pt): skip training, only score it at eval_mask_size, on features at the
+    # input size it was trained with (stored in the file; image_size is then not used).
+    head: Optional[str] = None
     eval_mask_size: Optional[int] = 448  # eval_linear.py's mask_eval_size; null: full input size
 
 
