@@ -1,12 +1,12 @@
 """The differentiable sorting network of :func:`neco.loss.sorting.diff_sort` as two fused Triton kernels.
 
-One program sorts one row: it keeps the row's values and its permutation matrix in registers through every
-layer of the network, so the forward pass writes only its results and, per layer and comparator, the
-difference ``d = x[second] - x[first]`` that the comparator saw (``rows x layers x comparators``, the same
-count as the swap weights ``alpha = f(steepness * d)``; keeping ``d`` rather than ``alpha`` lets the backward
-pass recompute both ``alpha`` and its slope exactly). The backward pass rebuilds the matrices it needs from
-those differences: one replay of the network stores a checkpoint every ``SEGMENT`` layers, and each layer's
-input matrix is replayed from its segment's checkpoint, so memory stays at a few matrices per row.
+A program sorts one row (or a few short ones): it keeps the values and the permutation matrix in registers
+through every layer of the network, so the forward pass writes only its results and, per row, layer and
+comparator, the swap weight ``alpha = f(steepness * d)`` and the difference ``d = x[second] - x[first]`` it
+came from (``d`` gives the slope of ``f`` and the values' part of the gradient). The backward pass rebuilds
+the matrices it needs from the weights: one replay of the network stores a checkpoint every ``SEGMENT``
+layers, and each layer's input matrix is replayed from its segment's checkpoint, so memory stays at a few
+matrices per row instead of one per layer.
 
 Wires live on power-of-two "slots" (Triton blocks are powers of two): the padded bitonic network already has
 that many wires, its lowest ``pad`` being the dropped ones (diffsort's convention); odd-even leaves the slots
@@ -93,146 +93,162 @@ if triton is not None:
 
     @triton.jit
     def _alpha(d, steep, DIST: tl.constexpr):
-        # alpha = f(steepness * d) and d alpha / d d, in the operation order of neco.loss.sorting's _ALPHA.
+        # alpha = f(steepness * d), in the operation order of neco.loss.sorting's _ALPHA.
         v = steep * d
         if DIST == 0:  # cauchy
-            inv_pi = tl.full([], 0.3183098861837907, d.dtype)
-            a = inv_pi * _atan(v) + 0.5
-            slope = inv_pi / (1 + v * v)
+            a = tl.full([], 0.3183098861837907, d.dtype) * _atan(v) + 0.5
         elif DIST == 1:  # logistic
             a = 1 / (1 + tl.exp(-v))
-            slope = a * (1 - a)
         elif DIST == 2:  # reciprocal
             a = 0.5 * (v / (2 + tl.abs(v)) + 1)
-            slope = 1 / ((2 + tl.abs(v)) * (2 + tl.abs(v)))
         else:  # optimal: linear on [-1/4, 1/4], then 1/x tails
             tail = (v > 0.25).to(v.dtype) - (v < -0.25).to(v.dtype)
             a = tl.minimum(tl.maximum(v, -0.25), 0.25) + 0.5 + tail * (0.25 - 1 / 16 / (tl.abs(v) + 1e-10))
-            slope = tl.where(tl.abs(v) <= 0.25, 1, 1 / 16 / ((tl.abs(v) + 1e-10) * (tl.abs(v) + 1e-10)))
-        return a, slope * steep
+        return a
 
     @triton.jit
-    def _swap_vec(v, p, u, scr, GATHER: tl.constexpr):
-        # v[p[u]] for every slot u: the value of u's comparator partner.
+    def _slope(d, a, steep, DIST: tl.constexpr):
+        # d alpha / d d, as autograd differentiates _ALPHA (clamp passes its bounds, the tail step has none).
+        v = steep * d
+        if DIST == 0:
+            slope = tl.full([], 0.3183098861837907, d.dtype) / (1 + v * v)
+        elif DIST == 1:
+            slope = a * (1 - a)
+        elif DIST == 2:
+            slope = 1 / ((2 + tl.abs(v)) * (2 + tl.abs(v)))
+        else:
+            slope = tl.where(tl.abs(v) <= 0.25, 1, 1 / 16 / ((tl.abs(v) + 1e-10) * (tl.abs(v) + 1e-10)))
+        return slope * steep
+
+    @triton.jit
+    def _swap_vec(v, p, lr, u, scr, R: tl.constexpr, S: tl.constexpr, GATHER: tl.constexpr):
+        # v[r, p[w]] for every row r and slot w: the value of w's comparator partner.
         if GATHER:
-            out = tl.gather(v, p, 0)
+            out = tl.gather(v, tl.zeros([R, S], tl.int32) + p[None, :], 1)
         else:
             tl.debug_barrier()  # every thread is done reading the scratch before it is overwritten
-            tl.store(scr + u, v)
+            tl.store(scr + lr[:, None] * S + u[None, :], v)
             tl.debug_barrier()
-            out = tl.load(scr + p)
+            out = tl.load(scr + lr[:, None] * S + p[None, :])
         return out
 
     @triton.jit
-    def _swap_mat(m, p, i2, j2, scr, S: tl.constexpr, GATHER: tl.constexpr):
-        # m[i, p[j]]: each wire column replaced by its partner's.
+    def _swap_mat(m, p, lr, u, scr, R: tl.constexpr, S: tl.constexpr, GATHER: tl.constexpr):
+        # m[r, i, p[j]]: each wire column replaced by its partner's.
         if GATHER:
-            out = tl.gather(m, tl.zeros([S, S], tl.int32) + p[None, :], 1)
+            out = tl.gather(m, tl.zeros([R, S, S], tl.int32) + p[None, None, :], 2)
         else:
+            at = (lr[:, None, None] * S + u[None, :, None]) * S
             tl.debug_barrier()
-            tl.store(scr + i2 * S + j2, m)
+            tl.store(scr + at + u[None, None, :], m)
             tl.debug_barrier()
-            out = tl.load(scr + i2 * S + p[None, :])
+            out = tl.load(scr + at + p[None, None, :])
         return out
 
     @triton.jit
-    def _layer(tab_ptr, d_ptr, l, row, u, real, steep, L, C, S: tl.constexpr, DIST: tl.constexpr):
-        # A layer's comparators as seen from each slot, with the stored differences turned back into weights.
+    def _layer(tab_ptr, w_ptr, l, row, u, real, L, C, S: tl.constexpr):
+        # Layer l as each slot sees it: partner, first wire of its comparator?, flipped?, and the saved
+        # alpha turned into the weights (own, other) of its own and its partner's column.
         t = tab_ptr + l * 3 * S
         p = tl.load(t + u)
-        code = tl.load(t + S + u)
-        d = tl.load(d_ptr + (row * L + l) * C + tl.load(t + 2 * S + u), mask=real, other=0.0)
-        a, slope = _alpha(d, steep, DIST)
+        code = tl.load(t + S + u)[None, :]
+        saved = (row[:, None] * L + l) * C + tl.load(t + 2 * S + u)[None, :]
+        a = tl.load(w_ptr + saved, mask=real, other=0.5)  # unused slots: identities
         flip = (code & 2) != 0
-        return p, (code & 1) != 0, flip, d, tl.where(flip, 1 - a, a), tl.where(flip, a, 1 - a), slope
+        return p, (code & 1) != 0, flip, saved, a, tl.where(flip, 1 - a, a), tl.where(flip, a, 1 - a)
 
     @triton.jit
-    def _replay(m, tab_ptr, d_ptr, start, stop, row, u, i2, j2, real, steep, scr, L, C,
-                S: tl.constexpr, DIST: tl.constexpr, GATHER: tl.constexpr):
-        # Apply layers [start, stop) to the matrix m (inputs x wires), as the forward pass did.
+    def _replay(m, tab_ptr, w_ptr, start, stop, row, lr, u, real, scr, L, C,
+                R: tl.constexpr, S: tl.constexpr, GATHER: tl.constexpr):
+        # Apply layers [start, stop) to the matrices m (rows x inputs x wires), as the forward pass did.
         for k in range(start, stop):
-            p, lo, flip, d, own, other, slope = _layer(tab_ptr, d_ptr, k, row, u, real, steep, L, C, S, DIST)
-            m = own[None, :] * m + other[None, :] * _swap_mat(m, p, i2, j2, scr, S, GATHER)
+            p, lo, flip, saved, a, own, other = _layer(tab_ptr, w_ptr, k, row, u, real, L, C, S)
+            m = own[:, None, :] * m + other[:, None, :] * _swap_mat(m, p, lr, u, scr, R, S, GATHER)
         return m
 
     @triton.jit
-    def _sort_fwd(x_ptr, steep_ptr, tab_ptr, d_ptr, xs_ptr, X_ptr, scr_ptr, n, L, C, OFF,
-                  S: tl.constexpr, DIST: tl.constexpr, GATHER: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+    def _rows(rows, n, OFF, R: tl.constexpr, S: tl.constexpr):
+        # This program's rows, its slots, which (row, slot) hold a real wire, and the same for (row, i, j).
+        lr = tl.arange(0, R)
+        row = tl.program_id(0).to(tl.int64) * R + lr
         u = tl.arange(0, S)
-        real = (u >= OFF) & (u < OFF + n)
-        i2 = u[:, None]
-        j2 = u[None, :]
-        real2 = real[:, None] & real[None, :]
-        x = tl.load(x_ptr + row * n + u - OFF, mask=real, other=0.0)
+        real = (u[None, :] >= OFF) & (u[None, :] < OFF + n) & (row < rows)[:, None]
+        real3 = real[:, :, None] & real[:, None, :]
+        at = row[:, None, None] * n * n + (u[None, :, None] - OFF) * n + u[None, None, :] - OFF
+        return lr, row, u, real, real3, at
+
+    @triton.jit
+    def _sort_fwd(x_ptr, steep_ptr, tab_ptr, w_ptr, d_ptr, xs_ptr, X_ptr, scr_ptr, rows, n, L, C, OFF,
+                  R: tl.constexpr, S: tl.constexpr, DIST: tl.constexpr, GATHER: tl.constexpr):
+        lr, row, u, real, real3, at = _rows(rows, n, OFF, R, S)
+        x = tl.load(x_ptr + row[:, None] * n + u[None, :] - OFF, mask=real, other=0.0)
         steep = tl.load(steep_ptr)
-        scr = scr_ptr + row * S * S
-        m = tl.where((i2 == j2) & real2, 1, 0).to(x.dtype)  # m[i, j]: mass of input i on wire j
+        scr = scr_ptr + tl.program_id(0).to(tl.int64) * R * S * S
+        # m[r, i, j]: mass of input i on wire j.
+        m = tl.where((u[None, :, None] == u[None, None, :]) & real3, 1, 0).to(x.dtype)
         for l in range(L):
             t = tab_ptr + l * 3 * S
             p = tl.load(t + u)
-            code = tl.load(t + S + u)
+            code = tl.load(t + S + u)[None, :]
             lo = (code & 1) != 0
             flip = (code & 2) != 0
-            xp = _swap_vec(x, p, u, scr, GATHER)
+            xp = _swap_vec(x, p, lr, u, scr, R, S, GATHER)
             # Both wires of a comparator compute the same d = x[second] - x[first], bit for bit.
             d = tl.where(lo, xp - x, x - xp)
-            tl.store(d_ptr + (row * L + l) * C + tl.load(t + 2 * S + u), d, mask=lo & real)
-            a, slope = _alpha(d, steep, DIST)
+            a = _alpha(d, steep, DIST)
+            saved = (row[:, None] * L + l) * C + tl.load(t + 2 * S + u)[None, :]
+            tl.store(w_ptr + saved, a, mask=lo & real)
+            tl.store(d_ptr + saved, d, mask=lo & real)
             own = tl.where(flip, 1 - a, a)
             other = tl.where(flip, a, 1 - a)
             x = own * x + other * xp
-            m = own[None, :] * m + other[None, :] * _swap_mat(m, p, i2, j2, scr, S, GATHER)
-        tl.store(xs_ptr + row * n + u - OFF, x, mask=real)
-        tl.store(X_ptr + row * n * n + (i2 - OFF) * n + j2 - OFF, m, mask=real2)
+            m = own[:, None, :] * m + other[:, None, :] * _swap_mat(m, p, lr, u, scr, R, S, GATHER)
+        tl.store(xs_ptr + row[:, None] * n + u[None, :] - OFF, x, mask=real)
+        tl.store(X_ptr + at, m, mask=real3)
 
     @triton.jit
-    def _sort_bwd(gxs_ptr, gX_ptr, steep_ptr, tab_ptr, d_ptr, ck_ptr, scr_ptr, gx_ptr, n, L, C, OFF, K, NCK,
-                  S: tl.constexpr, DIST: tl.constexpr, GATHER: tl.constexpr,
+    def _sort_bwd(gxs_ptr, gX_ptr, steep_ptr, tab_ptr, w_ptr, d_ptr, ck_ptr, scr_ptr, gx_ptr, rows, n, L, C, OFF,
+                  K, NCK, R: tl.constexpr, S: tl.constexpr, DIST: tl.constexpr, GATHER: tl.constexpr,
                   HAS_GXS: tl.constexpr, HAS_GX: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        u = tl.arange(0, S)
-        real = (u >= OFF) & (u < OFF + n)
-        i2 = u[:, None]
-        j2 = u[None, :]
-        real2 = real[:, None] & real[None, :]
-        at = (i2 - OFF) * n + j2 - OFF
+        lr, row, u, real, real3, at = _rows(rows, n, OFF, R, S)
         steep = tl.load(steep_ptr)
-        scr = scr_ptr + row * S * S
-        eye = tl.where((i2 == j2) & real2, 1, 0).to(steep.dtype)
+        scr = scr_ptr + tl.program_id(0).to(tl.int64) * R * S * S
+        diagonal = (u[None, :, None] == u[None, None, :]) & real3  # a mask, not a matrix kept in registers
+        ck = ck_ptr + at + row[:, None, None] * (NCK - 1) * n * n  # row r's checkpoints: NCK matrices from here
         if HAS_GXS:
-            gy = tl.load(gxs_ptr + row * n + u - OFF, mask=real, other=0.0)
+            gy = tl.load(gxs_ptr + row[:, None] * n + u[None, :] - OFF, mask=real, other=0.0)
         else:
-            gy = tl.zeros([S], steep.dtype)
+            gy = tl.zeros([R, S], steep.dtype)
         if HAS_GX:
-            # Checkpoints: the matrix entering layers K, 2K, ..., NCK*K (the one entering layer 0 is eye).
-            m = eye
+            # Checkpoints: the matrices entering layers K, 2K, ..., NCK*K (the identity enters layer 0).
+            m = tl.where(diagonal, 1, 0).to(steep.dtype)
             for k in range(NCK):
-                m = _replay(m, tab_ptr, d_ptr, k * K, k * K + K, row, u, i2, j2, real, steep, scr, L, C,
-                            S, DIST, GATHER)
-                tl.store(ck_ptr + (row * NCK + k) * n * n + at, m, mask=real2)
-            gm = tl.load(gX_ptr + row * n * n + at, mask=real2, other=0.0)
+                m = _replay(m, tab_ptr, w_ptr, k * K, k * K + K, row, lr, u, real, scr, L, C, R, S, GATHER)
+                tl.store(ck + k * n * n, m, mask=real3)
+            gm = tl.load(gX_ptr + at, mask=real3, other=0.0)
         for j in range(L):
             l = L - 1 - j
-            p, lo, flip, d, own, other, slope = _layer(tab_ptr, d_ptr, l, row, u, real, steep, L, C, S, DIST)
+            p, lo, flip, saved, a, own, other = _layer(tab_ptr, w_ptr, l, row, u, real, L, C, S)
+            d = tl.load(d_ptr + saved, mask=real, other=0.0)
             # Per slot w: d(outputs of w)/d(own weight) summed against their gradients; own = alpha unless
             # flipped. The values' part uses x[w] - x[partner] = -d on the first wire, +d on the second.
-            gyp = _swap_vec(gy, p, u, scr, GATHER)
+            gyp = _swap_vec(gy, p, lr, u, scr, R, S, GATHER)
             t = gy * tl.where(lo, -d, d)
             if HAS_GX:
                 s = l // K
-                z = tl.load(ck_ptr + (row * NCK + tl.maximum(s - 1, 0)) * n * n + at, mask=real2 & (s > 0),
-                            other=0.0) + tl.where(s > 0, 0, eye)
-                z = _replay(z, tab_ptr, d_ptr, s * K, l, row, u, i2, j2, real, steep, scr, L, C, S, DIST, GATHER)
-                gmp = _swap_mat(gm, p, i2, j2, scr, S, GATHER)
+                z = tl.load(ck + tl.maximum(s - 1, 0) * n * n, mask=real3 & (s > 0), other=0.0)
+                z = tl.where(diagonal & (s == 0), 1, z)
+                z = _replay(z, tab_ptr, w_ptr, s * K, l, row, lr, u, real, scr, L, C, R, S, GATHER)
+                gmp = _swap_mat(gm, p, lr, u, scr, R, S, GATHER)
                 # sum_i g[i, w] (z[i, w] - z[i, p(w)]), its second half summed over the pair as
                 # sum_i g[i, p(w)] z[i, w]: the comparator total is the same and no gather of z is needed.
-                t += tl.sum((gm - gmp) * z, axis=0)
-                gm = own[None, :] * gm + other[None, :] * gmp
+                t += tl.sum((gm - gmp) * z, axis=1)
+                gm = own[:, None, :] * gm + other[:, None, :] * gmp
             t = tl.where(flip, -t, t)
-            g_d = (t + _swap_vec(t, p, u, scr, GATHER)) * slope  # both wires of the comparator share alpha
+            # The comparator's two wires share alpha: its gradient is the sum over both.
+            g_d = (t + _swap_vec(t, p, lr, u, scr, R, S, GATHER)) * _slope(d, a, steep, DIST)
             gy = own * gy + other * gyp + tl.where(lo, -g_d, g_d)
-        tl.store(gx_ptr + row * n + u - OFF, gy, mask=real)
+        tl.store(gx_ptr + row[:, None] * n + u[None, :] - OFF, gy, mask=real)
 
 
 @dataclass(frozen=True)
@@ -265,8 +281,12 @@ def _plan(network: str, n: int, device: torch.device) -> _Plan:
     return _Plan(table.to(device), len(layers), comparators, slots, offset)
 
 
-def _warps(slots: int) -> int:
-    return 4 if slots >= 64 else 2 if slots >= 32 else 1
+def _launch(slots: int, rows: int) -> tuple[int, int, int]:
+    """(rows per program, programs, warps). About 4096 matrix entries a program on a GPU: one row of 64 slots,
+    several small rows. The interpreter pays per operation, not per entry, so it takes up to 64 rows at once."""
+    per = min(64, triton.next_power_of_2(rows)) if INTERPRETED else max(1, min(32, 4096 // slots**2))
+    warps = 4 if per * slots**2 >= 4096 else 2 if per * slots**2 >= 1024 else 1
+    return per, triton.cdiv(rows, per), warps
 
 
 class _TritonSort(torch.autograd.Function):
@@ -274,16 +294,17 @@ class _TritonSort(torch.autograd.Function):
     def forward(ctx, x, network, steepness, distribution, exchange):
         rows, n = x.shape
         plan = _plan(network, n, x.device)
+        per, programs, warps = _launch(plan.slots, rows)
         x = x.contiguous()
         steep = torch.tensor([steepness], dtype=x.dtype, device=x.device)
-        diffs = torch.empty(rows, max(plan.layers, 1), plan.comparators, dtype=x.dtype, device=x.device)
+        alphas, diffs = x.new_empty(2, rows, max(plan.layers, 1), plan.comparators)
         values, X = torch.empty_like(x), torch.empty(rows, n, n, dtype=x.dtype, device=x.device)
         gather = exchange == "gather"
-        scratch = x.new_empty(1 if gather else rows * plan.slots * plan.slots)
-        _sort_fwd[(rows,)](x, steep, plan.table, diffs, values, X, scratch, n, plan.layers, plan.comparators,
-                           plan.offset, S=plan.slots, DIST=KERNEL_DISTRIBUTIONS[distribution], GATHER=gather,
-                           num_warps=_warps(plan.slots))
-        ctx.save_for_backward(diffs, steep)
+        scratch = x.new_empty(1 if gather else programs * per * plan.slots**2)
+        _sort_fwd[(programs,)](x, steep, plan.table, alphas, diffs, values, X, scratch, rows, n, plan.layers,
+                               plan.comparators, plan.offset, R=per, S=plan.slots,
+                               DIST=KERNEL_DISTRIBUTIONS[distribution], GATHER=gather, num_warps=warps)
+        ctx.save_for_backward(alphas, diffs, steep)
         ctx.setup = (plan, distribution, gather, n)
         ctx.set_materialize_grads(False)
         return values, X
@@ -292,20 +313,21 @@ class _TritonSort(torch.autograd.Function):
     def backward(ctx, g_values, g_X):
         if g_values is None and g_X is None:
             return None, None, None, None, None
-        diffs, steep = ctx.saved_tensors
+        alphas, diffs, steep = ctx.saved_tensors
         plan, distribution, gather, n = ctx.setup
         rows = diffs.shape[0]
+        per, programs, warps = _launch(plan.slots, rows)
         checkpoints = (plan.layers - 1) // SEGMENT if g_X is not None and plan.layers else 0
         ck = diffs.new_empty(max(rows * checkpoints * n * n, 1))
-        scratch = diffs.new_empty(1 if gather else rows * plan.slots * plan.slots)
+        scratch = diffs.new_empty(1 if gather else programs * per * plan.slots**2)
         gx = diffs.new_empty(rows, n)
         # A missing gradient is never read: any tensor of the right dtype stands in for its pointer.
         gxs = diffs if g_values is None else g_values.to(diffs.dtype).contiguous()
         gX = diffs if g_X is None else g_X.to(diffs.dtype).contiguous()
-        _sort_bwd[(rows,)](gxs, gX, steep, plan.table, diffs, ck, scratch, gx, n, plan.layers, plan.comparators,
-                           plan.offset, SEGMENT, checkpoints, S=plan.slots, DIST=KERNEL_DISTRIBUTIONS[distribution],
-                           GATHER=gather, HAS_GXS=g_values is not None, HAS_GX=g_X is not None,
-                           num_warps=_warps(plan.slots))
+        _sort_bwd[(programs,)](gxs, gX, steep, plan.table, alphas, diffs, ck, scratch, gx, rows, n, plan.layers,
+                               plan.comparators, plan.offset, SEGMENT, checkpoints, R=per, S=plan.slots,
+                               DIST=KERNEL_DISTRIBUTIONS[distribution], GATHER=gather,
+                               HAS_GXS=g_values is not None, HAS_GX=g_X is not None, num_warps=warps)
         return gx, None, None, None, None
 
 
