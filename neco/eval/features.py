@@ -48,8 +48,8 @@ def resize_mask(mask, size: int, mask_size: int | None = None) -> np.ndarray:
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``uint8``-range ``(B, 3, H, W)`` or ``(3, H, W)`` float tensor in [0, 255] -> normalised float32."""
     shape = (3, 1, 1) if x.ndim == 3 else (1, 3, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(shape) * 255.0
-    std_t = torch.tensor(std, dtype=torch.float32).view(shape) * 255.0
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape) * 255.0
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape) * 255.0
     return (x.float() - mean_t) / std_t
 
 
