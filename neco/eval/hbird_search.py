@@ -161,13 +161,13 @@ def time_retrieval(
     search = resolve_search(search, device)
     m = min(slice_memory or num_memory, num_memory)
     q = min(slice_queries or num_queries, num_queries)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)  # random data made where it is searched: no transfer
     index = make_index(search, m, dim, device, memory_dtype)
     block = 1 << 18
     for s in range(0, m, block):  # filled block by block, as the real memory is
-        x = torch.randn(min(block, m - s), dim, generator=g)
-        index.add(torch.nn.functional.normalize(x, dim=1).to(device))
-    queries = torch.nn.functional.normalize(torch.randn(q, dim, generator=g), dim=1).to(device)
+        x = torch.randn(min(block, m - s), dim, generator=g, device=device)
+        index.add(torch.nn.functional.normalize(x, dim=1))
+    queries = torch.nn.functional.normalize(torch.randn(q, dim, generator=g, device=device), dim=1)
     search_blocks(index, queries[: min(q, 64)], k, query_block)  # warm-up (kernels, thread pools)
     _sync(device)
     start = time.perf_counter()
