@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ from PIL import Image
 from neco.errors import ConfigError
 from neco.eval import unsup_seg
 from neco.eval.features import IMAGENET_MEAN, IMAGENET_STD
+from neco.eval.unsup_cluster import ForegroundClustering, assign, faiss_kmeans, standardise_pca
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "eval" / "unsup_seg.yaml"
 
@@ -135,3 +137,47 @@ def test_class_encoding_features_and_true_foreground_give_100(tmp_path):
     assert res.metrics["fg_jaccard"] == pytest.approx(100.0)
     assert res.extra["cbfe"]["threshold"] == pytest.approx(0.95)  # object clusters have precision 1
     assert res.metrics["cbfe/miou"] == pytest.approx(100.0)
+
+
+# ---------------------------------------------------------------------------------------- clustering stages
+
+
+def test_standardise_pca_matches_scaler_then_faiss_pca():
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(3, 4, 4, 8, generator=g) * torch.arange(1, 9)).half()
+    b = (torch.randn(2, 4, 4, 8, generator=g) * torch.arange(1, 9)).half()
+    a[..., 5] = b[..., 5] = 2.0  # a constant dimension: StandardScaler leaves it unscaled (std 1)
+    out = standardise_pca([a, b], 3)
+    x = torch.cat([a, b]).reshape(-1, 8).double().numpy()
+    std = x.std(axis=0)
+    std[std == 0] = 1.0
+    z = ((x - x.mean(axis=0)) / std).astype(np.float32)
+    assert np.allclose(z[:, 5], 0.0)
+    pca = faiss.PCAMatrix(8, 3)
+    pca.train(z)
+    assert out.shape == (5, 4, 4, 3)
+    assert np.allclose(out.reshape(-1, 3).numpy(), pca.apply(z), atol=1e-4)
+
+
+def test_foreground_clustering_equals_clustering_the_upsampled_masked_pixels():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 4, 4, 5, generator=g)
+    fg = torch.rand(3, 10, 10, generator=g) > 0.4
+    labels = ForegroundClustering(tokens, fg, niter=10, nredo=2).labels(4, seed=0)
+    # The reference: nearest-upsample the features to 10x10, keep the foreground pixels, cluster them.
+    up = torch.nn.functional.interpolate(tokens.permute(0, 3, 1, 2), size=(10, 10), mode="nearest")
+    pixels = up.permute(0, 2, 3, 1).reshape(-1, 5)[fg.reshape(-1)].numpy()
+    km = faiss.Kmeans(5, 4, niter=10, nredo=2, seed=0)
+    km.train(pixels)
+    expected = torch.full((3, 10, 10), 4, dtype=torch.long)
+    expected[fg] = torch.from_numpy(km.index.search(pixels, 1)[1][:, 0])
+    assert torch.equal(labels, expected)
+
+
+def test_spherical_kmeans_assigns_by_inner_product():
+    x = np.array([[1.0, 0.0], [10.0, 0.5], [0.0, 1.0], [0.2, 9.0]], dtype=np.float32)
+    km = faiss_kmeans(x, 2, niter=5, nredo=1, seed=0, spherical=True, option="k_fg")
+    a = assign(km, x)
+    assert a[0] == a[1] and a[2] == a[3] and a[0] != a[2]  # direction, not distance
+    with pytest.raises(ConfigError, match="k_fg=5"):
+        faiss_kmeans(x, 5, niter=5, nredo=1, seed=0, spherical=True, option="k_fg")

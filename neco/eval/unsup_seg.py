@@ -161,6 +161,7 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
         for role, split in (("train", opts.train_split), ("val", opts.val_split)):
             feats[role], masks = ctx.features(split, opts.image_size, mask_size)
             gt[role] = resize_labels(masks, size)
+            del masks  # the input-size masks are no longer needed (585 MB for VOC)
         noisy, saved = _noisy_foreground(ctx, opts, datasets)
         if saved:
             extra["attention_masks_file"] = saved
