@@ -66,7 +66,7 @@ class LossConfig:
     network: str = "bitonic"  # bitonic | odd_even
     distribution: str = "cauchy"  # cauchy | logistic | logistic_phi | gaussian | reciprocal | optimal
     art_lambda: float = 0.25
-    sorter: str = "sparse"  # sparse (fast comparator formulation) | dense (layer matrices, the slow reference path)
+    sorter: str = "sparse"  # sparse (comparators) | triton (fused CUDA kernels) | dense (slow reference path)
     similarity: str = "cosine"  # cosine | euclidean
     references: str = "queue"  # batch (in-batch shuffle) | queue (FIFO of past teacher embeddings)
     queue_length: int = 8192  # summed over processes; each process keeps queue_length / world_size rows

@@ -9,7 +9,16 @@ import torch.nn.functional as F
 
 from neco.loss.sorting import diff_sort, diff_sort_dense
 
-SORTERS = {"sparse": diff_sort, "dense": diff_sort_dense}
+
+def _triton_sort(*args, **kwargs):
+    # Imported on first use: the other sorters need no Triton, and TRITON_INTERPRET is read at that import.
+    from neco.loss.triton_sort import triton_diff_sort
+
+    return triton_diff_sort(*args, **kwargs)
+
+
+# triton raises a ValueError naming loss.sorter where it cannot run (no Triton, a CPU tensor): no silent fallback.
+SORTERS = {"sparse": diff_sort, "dense": diff_sort_dense, "triton": _triton_sort}
 
 SIMILARITIES = ("cosine", "euclidean")
 
@@ -45,6 +54,8 @@ def soft_permutation(
     # The objective runs in at least fp32 even when the backbone runs under bf16/fp16 autocast.
     dtype = torch.promote_types(query.dtype, torch.float32)
     with torch.autocast(device_type=query.device.type, enabled=False):
+        if sorter not in SORTERS:
+            raise ValueError(f"loss.sorter={sorter!r}: expected one of {tuple(SORTERS)}")
         rows = similarities(query.to(dtype), refs.to(dtype), similarity)
         _, perm = SORTERS[sorter](rows, network=network, steepness=steepness, distribution=distribution,
                             art_lambda=art_lambda)
