@@ -208,7 +208,7 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
                     conf={r: confusion_matrix(p, gt[r], k + 1, num_classes, ignore) for r, p in parts.items()},
                     missing={r: int((torch.bincount(p.reshape(-1), minlength=k + 1) == 0).sum())
                              for r, p in parts.items()},
-                    fig_labels=parts["val"][:n_fig],
+                    fig_labels=parts["val"][:n_fig].clone(),  # a view would keep every k's maps alive
                 )
             return cache[k]
 
