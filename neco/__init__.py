@@ -1,3 +1,26 @@
-"""NeCo: Patch Neighbor Consistency post-training and dense evaluation for ViTs."""
+"""NeCo: Patch Neighbor Consistency post-training and dense evaluation for ViTs.
+
+    import neco
+    model = neco.load_backbone("dinov2_vits14", weights="default")
+    features = neco.extract_features(model, images)   # (N, D, h, w) patch-feature maps
+
+``load_backbone`` and ``extract_features`` live in ``neco.api``; they are imported on first use so that
+``import neco`` (and every ``python -m neco.*`` entry point) does not pay for torch and timm up front.
+"""
 
 __version__ = "0.1.0"
+__all__ = ["extract_features", "load_backbone"]
+
+_API = ("extract_features", "load_backbone")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from neco import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'neco' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_API])

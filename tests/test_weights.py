@@ -1,16 +1,19 @@
-"""Weight sources, reading and key conversion, checked against producers that are not our code.
+"""Weight sources and reading, and the torch.hub DINOv2 / timm layouts, checked against producers that are not
+our code.
 
-The DINOv2 layout comes from the ``dinov2`` package (0.0.1.dev2 on PyPI, the official model code) when it is
-installed, and otherwise from a timm model plus ``mask_token`` (the keys are otherwise the same). The
-expected outputs come from ``hub_reference``, a DINOv2/DINO forward written from the spec (§2.1-2.3) on the
-checkpoint tensors themselves; it is itself checked against the ``dinov2`` package.
+The DINOv2 layout comes from the ``dinov2`` package (0.0.1.dev2 on PyPI, the official model code, which predates
+registers) when it is installed, and otherwise from a timm model plus ``mask_token``. Registers are checked
+against timm's own conversion and forward of the official register checkpoints. ``hub_reference`` is a
+DINOv2/DINO forward written from the spec (§2.1-2.3) on the checkpoint tensors, itself checked against the
+``dinov2`` package. Layouts of other projects (NeCo,
+Leopart, TimeT, DINO, this project) are tested in test_export.py.
 """
 
-import argparse
 import dataclasses
 import logging
 import math
 import os
+import pickle
 import urllib.error
 
 import pytest
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from helpers import randomize_
 from safetensors.torch import save_file
+from timm.models.vision_transformer import checkpoint_filter_fn
 
 from neco.models import BACKBONES, WeightsError, build_backbone
 from neco.models.backbone import BackboneSpec, create_vit
@@ -28,8 +32,6 @@ except ImportError:  # optional dev dependency: `pip install --no-deps dinov2==0
     DinoVisionTransformer = vit_small = None
 
 needs_dinov2 = pytest.mark.skipif(vit_small is None, reason="dinov2==0.0.1.dev2 not installed")
-
-
 
 
 @torch.no_grad()
@@ -106,6 +108,20 @@ def first_blocks(sd, depth=2):
     return {k: v for k, v in sd.items() if not (k.startswith("blocks.") and int(k.split(".")[1]) >= depth)}
 
 
+def tokens_of(model, x):
+    """Patch tokens ``(B, h, w, D)`` of a ``dinov2`` package model."""
+    h, w = x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size
+    return model.forward_features(x)["x_norm_patchtokens"].reshape(x.shape[0], h, w, -1)
+
+
+def dinov2_depth2(sd):
+    """The ``dinov2`` package's ViT-S/14 with two blocks, loaded strictly with ``sd``."""
+    model = DinoVisionTransformer(img_size=518, patch_size=14, embed_dim=384, depth=2, num_heads=6,
+                                  init_values=1.0, block_chunks=0)
+    model.load_state_dict(sd)
+    return model.eval()
+
+
 # ------------------------------------------------------------------------------------------------ DINOv2 hub
 
 
@@ -113,8 +129,7 @@ def first_blocks(sd, depth=2):
 def test_reference_matches_dinov2_package(dinov2_model, hub_sd):
     x = torch.randn(2, 3, 126, 98)
     with torch.no_grad():
-        theirs = dinov2_model.forward_features(x)["x_norm_patchtokens"].reshape(2, 9, 7, 384)
-    torch.testing.assert_close(hub_reference(hub_sd, x, 6, 14), theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hub_reference(hub_sd, x, 6, 14), tokens_of(dinov2_model, x), rtol=1e-5, atol=1e-5)
 
 
 def test_dinov2_hub_checkpoint(dinov2_model, hub_sd, tmp_path):
@@ -122,35 +137,55 @@ def test_dinov2_hub_checkpoint(dinov2_model, hub_sd, tmp_path):
     for size in [(224, 224), (98, 98), (126, 98)]:
         x = torch.randn(2, 3, *size)
         with torch.no_grad():
-            ours = b(x)
-            if dinov2_model is not None:
-                theirs = dinov2_model.forward_features(x)["x_norm_patchtokens"].reshape(ours.shape)
-            else:
-                theirs = hub_reference(hub_sd, x, 6, 14)
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+            theirs = tokens_of(dinov2_model, x) if dinov2_model is not None else hub_reference(hub_sd, x, 6, 14)
+            torch.testing.assert_close(b(x), theirs, rtol=1e-5, atol=1e-5)
+
+
+@needs_dinov2
+def test_timm_layout_from_timms_own_checkpoint_filter(dinov2_model, hub_sd, tmp_path):
+    # timm's checkpoint_filter_fn is how timm itself turns the official DINOv2 files into its layout.
+    import timm
+
+    ref = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0)
+    timm_sd = checkpoint_filter_fn(dict(hub_sd), ref)
+    ref.load_state_dict(timm_sd)
+    b = build_backbone("dinov2_vits14", weights=save(timm_sd, tmp_path / "timm.pth")).eval()
+    x = torch.randn(2, 3, 98, 126)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), tokens_of(dinov2_model, x), rtol=1e-5, atol=1e-5)
 
 
 def test_dinov2_hub_checkpoint_with_registers(hub_reg_sd, tmp_path, monkeypatch):
+    import timm
+
     shallow(monkeypatch, "dinov2_vits14_reg")
     hub_reg_sd = first_blocks(hub_reg_sd)
     b = build_backbone("dinov2_vits14_reg", weights=save(hub_reg_sd, tmp_path / "reg.pth")).eval()
     torch.testing.assert_close(b.reg_token, hub_reg_sd["register_tokens"])
-    for size in [(224, 224), (98, 98)]:
+    # Against timm's own conversion and forward of the official register checkpoints (at the stored grid,
+    # where timm does not resample position embeddings).
+    ref = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, depth=2)
+    ref.load_state_dict(checkpoint_filter_fn(dict(hub_reg_sd), ref))
+    x = torch.randn(1, 3, 518, 518)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), ref.eval().forward_features(x)[:, 5:].reshape(1, 37, 37, 384),
+                                   rtol=1e-5, atol=1e-5)
+    for size in [(224, 224), (98, 126)]:  # other sizes: DINOv2's interpolation (spec §2.3)
         x = torch.randn(2, 3, *size)
         with torch.no_grad():
             torch.testing.assert_close(b(x), hub_reference(hub_reg_sd, x, 6, 14), rtol=1e-5, atol=1e-5)
 
 
+@needs_dinov2
 def test_xr_drops_registers_and_says_so(hub_sd, hub_reg_sd, tmp_path, caplog, monkeypatch):
     shallow(monkeypatch, "dinov2_vits14_xr")
-    hub_sd, hub_reg_sd = first_blocks(hub_sd), first_blocks(hub_reg_sd)
     with caplog.at_level(logging.WARNING):
-        b = build_backbone("dinov2_vits14_xr", weights=save(hub_reg_sd, tmp_path / "reg.pth")).eval()
+        b = build_backbone("dinov2_vits14_xr", weights=save(first_blocks(hub_reg_sd), tmp_path / "reg.pth")).eval()
     assert "register_tokens" in caplog.text and "XR" in caplog.text
     assert b.num_register_tokens == 0
-    x = torch.randn(2, 3, 98, 98)
-    with torch.no_grad():  # the same network as the checkpoint without its registers
-        torch.testing.assert_close(b(x), hub_reference(hub_sd, x, 6, 14), rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 3, 98, 112)
+    with torch.no_grad():  # the producer's network of the same weights without registers
+        torch.testing.assert_close(b(x), tokens_of(dinov2_depth2(first_blocks(hub_sd)), x), rtol=1e-5, atol=1e-5)
 
 
 def test_xr_from_timm_register_layout(hub_sd, hub_reg_sd, tmp_path, monkeypatch):
@@ -180,8 +215,7 @@ def test_swiglu_and_chunked_blocks(block_chunks, tmp_path, monkeypatch):
     b = build_backbone("small_swiglu", weights=path).eval()
     x = torch.randn(2, 3, 98, 112)
     with torch.no_grad():
-        ref = theirs.forward_features(x)["x_norm_patchtokens"].reshape(2, 7, 8, 96)
-        torch.testing.assert_close(b(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b(x), tokens_of(theirs, x), rtol=1e-5, atol=1e-5)
 
 
 def test_default_weights_from_cache_without_network(hub_sd, tmp_path, monkeypatch):
@@ -196,7 +230,7 @@ def test_default_weights_from_cache_without_network(hub_sd, tmp_path, monkeypatc
     torch.testing.assert_close(b.pos_embed, hub_sd["pos_embed"])
 
 
-# ---------------------------------------------------------------------------------------------- other layouts
+# ------------------------------------------------------------------------------------------------ timm files
 
 
 @pytest.fixture(scope="module")
@@ -224,44 +258,6 @@ def test_timm_state_dict_round_trip(tiny_sd, tmp_path, fmt):
     assert_loaded(build_backbone("vit_tiny", weights=save(b.state_dict(), tmp_path / "again.pth")), tiny_sd)
 
 
-def test_wrapped_and_prefixed_state_dict(tiny_sd, tmp_path):
-    wrapped = {"epoch": 3, "state_dict": {**{f"module.{k}": v for k, v in tiny_sd.items()},
-                                          "module.head.weight": torch.zeros(10, 128)}}
-    assert_loaded(build_backbone("vit_tiny", weights=save(wrapped, tmp_path / "w.pth")), tiny_sd)
-
-
-def test_several_backbones_first_is_taken_with_a_warning(tiny_sd, tmp_path, caplog):
-    other = {k: v + 1 for k, v in tiny_sd.items()}
-    both = {**{f"model.{k}": v for k, v in tiny_sd.items()}, **{f"teacher.{k}": v for k, v in other.items()}}
-    with caplog.at_level(logging.WARNING):
-        b = build_backbone("vit_tiny", weights=save(both, tmp_path / "both.pth"))
-    assert_loaded(b, tiny_sd)
-    assert "'teacher.'" in caplog.text
-
-
-def test_dino_full_checkpoint_loads_the_teacher(tmp_path, monkeypatch):
-    shallow(monkeypatch, "dino_vits16")
-    teacher = randomize_(create_vit(BACKBONES["dino_vits16"]), seed=7).state_dict()
-    full = {
-        "teacher": {**{f"backbone.{k}": v for k, v in teacher.items()},
-                    "head.mlp.0.weight": torch.zeros(2048, 384),
-                    "head.last_layer.weight_g": torch.ones(1, 1)},
-        "student": {f"module.backbone.{k}": v + 1 for k, v in teacher.items()},
-        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
-        "epoch": 100,
-        "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536),
-        "dino_loss": {"center": torch.zeros(1, 65536)},
-    }
-    b = build_backbone("dino_vits16", weights=save(full, tmp_path / "dino_full.pth")).eval()
-    assert_loaded(b, teacher)
-    # DINO v1 interpolation, and 98-px crops drop 2 px (6x6 patches, spec §10 item 11).
-    x = torch.randn(2, 3, 98, 98)
-    with torch.no_grad():
-        out = b(x)
-    assert out.shape == (2, 6, 6, 384)
-    torch.testing.assert_close(out, hub_reference(teacher, x, 6, 16), rtol=1e-5, atol=1e-5)
-
-
 def test_stored_grid_resampled_to_img_size(tiny_sd, tmp_path, caplog):
     path = save(tiny_sd, tmp_path / "tiny.pth")
     native = build_backbone("vit_tiny", weights=path).eval()
@@ -273,13 +269,12 @@ def test_stored_grid_resampled_to_img_size(tiny_sd, tmp_path, caplog):
         torch.testing.assert_close(small(x), native(x), rtol=1e-5, atol=1e-5)
 
 
-# ------------------------------------------------------------------------------------------------ errors
+# ------------------------------------------------------------------------------------------------ sources
 
 
 def test_missing_file_names_the_key_and_path(tmp_path):
-    missing = tmp_path / "nope.pth"
-    with pytest.raises(WeightsError, match=r"backbone\.weights=.*nope\.pth.*no such file"):
-        build_backbone("vit_tiny", weights=str(missing))
+    with pytest.raises(WeightsError, match=r"backbone\.weights=.*nope\.pth: no such file"):
+        build_backbone("vit_tiny", weights=str(tmp_path / "nope.pth"))
 
 
 def test_default_offline_gives_one_clear_error(tmp_path, monkeypatch):
@@ -294,18 +289,60 @@ def test_default_offline_gives_one_clear_error(tmp_path, monkeypatch):
     assert str(tmp_path / "dinov2_vitl14_reg4_pretrain.pth") in msg and "backbone.weights" in msg
 
 
-def test_url_is_downloaded_once(tiny_sd, tmp_path, monkeypatch):
+def test_url_is_downloaded_once_and_same_names_do_not_collide(tiny_sd, tmp_path, monkeypatch):
     calls = []
 
-    def fake_download(url, dst, *a, **k):
-        calls.append(url)
-        torch.save(tiny_sd, dst)
+    def fake_download(url, dst, *a, progress=False, **k):
+        calls.append((url, progress))
+        torch.save({name: v + (len(calls) - 1) for name, v in tiny_sd.items()}, dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    url = "https://example.org/weights/tiny_ckpt.pth"
+    small, base = "https://example.org/vit-small/model.ckpt", "https://example.org/vit-base/model.ckpt"
     for _ in range(2):
-        assert_loaded(build_backbone("vit_tiny", weights=url, cache_dir=tmp_path), tiny_sd)
-    assert calls == [url] and (tmp_path / "tiny_ckpt.pth").is_file()
+        assert_loaded(build_backbone("vit_tiny", weights=small, cache_dir=tmp_path), tiny_sd)
+    b = build_backbone("vit_tiny", weights=base, cache_dir=tmp_path)  # same file name, another file
+    torch.testing.assert_close(b.cls_token, tiny_sd["cls_token"] + 1)
+    assert calls == [(small, True), (base, True)]  # once each, with a progress bar
+    assert (tmp_path / "urls/example.org/vit-small/model.ckpt").is_file()
+
+
+def fake_hub(tmp_path, sd, calls):
+    def hf_hub_download(repo_id, filename, *, revision=None, local_dir=None, **kwargs):
+        calls.append((repo_id, filename, revision))
+        dst = os.path.join(local_dir, filename)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        torch.save(sd, dst)
+        return dst
+
+    return hf_hub_download
+
+
+def test_hf_weights_fetched_once_into_the_cache(tiny_sd, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hub(tmp_path, tiny_sd, calls))
+    spec = "hf://FunAILab/NeCo@v1/vit-small/dinov2-architectures/model.ckpt"
+    for _ in range(2):
+        assert_loaded(build_backbone("vit_tiny", weights=spec, cache_dir=tmp_path), tiny_sd)
+    assert calls == [("FunAILab/NeCo", "vit-small/dinov2-architectures/model.ckpt", "v1")]
+    assert (tmp_path / "huggingface/FunAILab/NeCo@v1/vit-small/dinov2-architectures/model.ckpt").is_file()
+
+
+def test_hf_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache (offline mode)")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(WeightsError) as e:
+        build_backbone("vit_tiny", weights="hf://owner/repo/sub/w.safetensors", cache_dir=tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "huggingface/owner/repo/sub/w.safetensors") in msg and "backbone.weights" in msg
+    with pytest.raises(WeightsError, match=r"hf://<owner>/<repo>"):
+        build_backbone("vit_tiny", weights="hf://owner/file.pth", cache_dir=tmp_path)
 
 
 def test_tiny_has_no_default_weights():
@@ -313,29 +350,50 @@ def test_tiny_has_no_default_weights():
         build_backbone("vit_tiny")
 
 
+# ------------------------------------------------------------------------------------------------ pickles
+
+
 class Payload:
     """Stands for arbitrary code in a pickle: a weights-only load must refuse to build it."""
 
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pickled code ran",))
+        return (os.system, (f"touch {self.marker}",))
 
 
-def test_pickled_code_is_refused(tiny_sd, tmp_path, capfd):
-    path = save({"state_dict": tiny_sd, "extra": Payload()}, tmp_path / "evil.pth")
+@pytest.mark.parametrize("how", ["torch.save", "plain pickle"])
+def test_pickled_code_is_refused_and_never_runs(tiny_sd, tmp_path, how):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "evil.pth"
+    if how == "torch.save":
+        torch.save({"state_dict": tiny_sd, "extra": Payload(marker)}, path)
+    else:  # a bare pickle (protocol 2, which torch's legacy reader accepts) with the payload as the weights
+        path.write_bytes(pickle.dumps({"cls_token": Payload(marker)}, protocol=2))
     with pytest.raises(WeightsError, match=r"\(posix\.system\) and is refused"):
-        build_backbone("vit_tiny", weights=path)
-    assert "pickled code ran" not in capfd.readouterr().out
+        build_backbone("vit_tiny", weights=str(path))
+    assert not marker.exists()
+    # The file really carries code: an unrestricted unpickler runs it.
+    if how == "torch.save":
+        torch.load(path, weights_only=False)
+    else:
+        pickle.loads(path.read_bytes())
+    assert marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------ mismatches
 
 
 def test_strict_mismatch_report_and_non_strict_load(tiny_sd, tmp_path, caplog):
     bad = {k: v for k, v in tiny_sd.items() if k != "blocks.3.mlp.fc2.bias"}
-    bad["blocks.9.attn.qkv.weight"] = torch.zeros(3)
+    bad["blocks.1.attn.extra"] = torch.zeros(3)
     path = save(bad, tmp_path / "bad.pth")
     with pytest.raises(WeightsError) as e:
         build_backbone("vit_tiny", weights=path)
     msg = str(e.value)
     assert "1 missing" in msg and "blocks.3.mlp.fc2.bias" in msg
-    assert "1 unexpected" in msg and "blocks.9.attn.qkv.weight" in msg and "backbone.strict=false" in msg
+    assert "1 unexpected" in msg and "blocks.1.attn.extra" in msg and "backbone.strict=false" in msg
     with caplog.at_level(logging.WARNING):
         b = build_backbone("vit_tiny", weights=path, strict=False)
     assert "blocks.3.mlp.fc2.bias" in caplog.text
@@ -343,7 +401,13 @@ def test_strict_mismatch_report_and_non_strict_load(tiny_sd, tmp_path, caplog):
     torch.testing.assert_close(b.state_dict()[key], tiny_sd[key])
 
 
-def test_wrong_architecture_fails(tmp_path, monkeypatch):
+def test_wrong_architecture_names_backbone_name(hub_sd, tmp_path, monkeypatch):
+    shallow(monkeypatch, "dinov2_vitb14")
+    with pytest.raises(WeightsError) as e:
+        build_backbone("dinov2_vitb14", weights=save(first_blocks(hub_sd), tmp_path / "s.pth"))
+    msg = str(e.value)
+    assert "width 384, 2 blocks, patch 14, 0 registers" in msg and "width 768" in msg
+    assert "backbone.name" in msg and "dinov2_vits14" in msg and "strict=false" not in msg
     wide = dataclasses.replace(BACKBONES["vit_tiny"], embed_dim=64,
                                timm_kwargs={**BACKBONES["vit_tiny"].timm_kwargs, "embed_dim": 64})
     monkeypatch.setitem(BACKBONES, "tiny64", wide)
@@ -370,6 +434,9 @@ def test_not_a_backbone_checkpoint(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="not a readable checkpoint"):
         build_backbone("vit_tiny", weights=str(tmp_path / "junk.pth"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        build_backbone("vit_tiny", weights=str(tmp_path / "junk.safetensors"))
 
 
 def test_register_mismatch_in_hub_layout_is_reported(hub_sd, hub_reg_sd, tmp_path, monkeypatch):

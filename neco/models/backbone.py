@@ -19,13 +19,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from neco.models.weights import (
+from neco.models.formats import (
+    architecture_hint,
+    check_checkpoint_model,
     extract_backbone_state,
-    load_checked,
-    read_checkpoint,
-    resolve_weights,
     to_timm_layout,
 )
+from neco.models.weights import load_checked, read_checkpoint, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -222,15 +222,22 @@ class Backbone(nn.Module):
 
     # ------------------------------------------------------------------------------------------ weights
 
-    def load_weights(self, source: str | Path | Mapping, strict: bool = True) -> None:
-        """Load pretrained weights from a checkpoint file or an already-read checkpoint object."""
+    def load_weights(self, source: str | Path | Mapping, strict: bool = True,
+                     checkpoint_model: str | None = "auto") -> None:
+        """Load pretrained weights from a checkpoint file or an already-read checkpoint object.
+
+        ``checkpoint_model`` picks the student or the teacher of files that hold both (``auto``: the
+        teacher of DINO/DINOv2 training checkpoints, the student of NeCo and of this project's checkpoints).
+        """
         label = "checkpoint" if isinstance(source, Mapping) else str(source)
         obj = source if isinstance(source, Mapping) else read_checkpoint(source)
-        state = extract_backbone_state(obj, label)
-        state = self._fit_pos_grid(state, label)
+        found = extract_backbone_state(obj, label, checkpoint_model)
+        state = self._fit_pos_grid(found.state, label)
         state = to_timm_layout(state, self, drop_registers=self.spec.drop_registers, source=label)
-        report = load_checked(self, state, strict=strict, source=label, backbone=self.name)
-        log.info("backbone %s: loaded %d tensors from %s", self.name, report.loaded, label)
+        hint = architecture_hint(state, self, self.name, found.trained_as)
+        report = load_checked(self, state, strict=strict, source=label, backbone=self.name, hint=hint)
+        where = f" ('{found.prefix}', {found.role})" if found.prefix else ""
+        log.info("backbone %s: loaded %d tensors from %s%s", self.name, report.loaded, label, where)
 
     def _fit_pos_grid(self, state: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
         """Resample a stored position-embedding grid that differs from this model's (``img_size``).
@@ -244,8 +251,9 @@ class Backbone(nn.Module):
         n = pos.shape[1]
         prefix = n - math.isqrt(n) ** 2  # 1 with a CLS entry, 0 without
         side = math.isqrt(n - prefix)
-        if prefix > 1 or side == self.grid_size:
-            return state
+        kernel = state.get("patch_embed.proj.weight")
+        if prefix > 1 or side == self.grid_size or (kernel is not None and kernel.shape[-1] != self.patch_size):
+            return state  # same grid, or another architecture: reported by the loader, not adapted
         g = self.grid_size
         log.warning("%s: position-embedding grid %dx%d resampled to %dx%d (img_size=%d)",
                     label, side, side, g, g, g * self.patch_size)
@@ -260,15 +268,19 @@ def build_backbone(
     drop_path_rate: float = 0.0,
     img_size: int | None = None,
     cache_dir: str | Path | None = None,
+    checkpoint_model: str | None = "auto",
 ) -> Backbone:
     """Build a registry backbone and load its weights.
 
     ``weights``: ``"default"`` (official weights of that backbone, downloaded once), ``"random"``,
-    a local checkpoint path, or an ``https://`` URL. ``strict``: any missing, unexpected or mis-shaped
-    tensor is an error (``backbone.strict=false`` only warns). ``img_size``: the image size the stored
-    position-embedding grid is built for (default: the official one); other sizes are interpolated.
+    a local checkpoint path (``.safetensors`` too), an ``https://`` URL or ``hf://<owner>/<repo>/<file>``.
+    ``strict``: any missing, unexpected or mis-shaped tensor is an error (``backbone.strict=false`` only
+    warns). ``img_size``: the image size the stored position-embedding grid is built for (default: the
+    official one); other sizes are interpolated. ``checkpoint_model``: ``student``, ``teacher`` or ``auto``
+    for files holding both networks (see ``Backbone.load_weights``).
     """
     spec = get_spec(name)
+    check_checkpoint_model(checkpoint_model)
     # Resolve (and download) first: a missing file fails before a large model is built.
     path = resolve_weights(weights, spec.weights_url, name, cache_dir)
     backbone = Backbone(create_vit(spec, drop_path_rate, img_size), spec, name)
@@ -276,7 +288,7 @@ def build_backbone(
         level = logging.WARNING if spec.weights_url else logging.INFO
         log.log(level, "backbone %s: random initialisation (backbone.weights=random)", name)
     else:
-        backbone.load_weights(path, strict=strict)
+        backbone.load_weights(path, strict=strict, checkpoint_model=checkpoint_model)
     g = backbone.grid_size
     log.info("backbone %s: timm %s, patch %d, dim %d, %d registers, stored grid %dx%d, drop_path %.3g",
              name, spec.timm_name, spec.patch_size, backbone.embed_dim, backbone.num_register_tokens, g, g,

@@ -1,23 +1,24 @@
-"""Backbone weights: where they come from, how they are read, and how their keys become timm's.
+"""Backbone weights: where they come from, how they are read, and how a mismatch is reported.
 
 Weights from outside are data, not code: files are read with ``torch.load(weights_only=True)`` or
-safetensors. Accepted layouts (auto-detected):
+safetensors, so a file carrying pickled code is refused and the code never runs. Sources:
 
-* timm ``VisionTransformer`` state dicts;
-* torch.hub DINOv2 checkpoints (``mask_token``, ``register_tokens``, SwiGLU ``w12``/``w3``, chunked blocks),
-  converted with timm's own DINOv2 key conversion;
-* DINO full training checkpoints (``{"teacher": {"backbone.*", "head.*"}, "student": ..., "args": ...}``);
-* any of these wrapped in ``state_dict`` / ``model`` / ``teacher`` entries or under a key prefix
-  (spec §2.7 steps 1-3: the prefix is what precedes the key ending in ``cls_token``; keys containing
-  ``head`` are dropped).
+* ``default``: the backbone's official file, downloaded once into the cache (torch.hub's folder by default);
+* ``random``: no weights;
+* ``https://...``: downloaded once into ``<cache>/urls/<host>/<path>`` with a progress bar;
+* ``hf://<owner>/<repo>[@revision]/<path/in/repo>``: fetched once from the Hugging Face Hub into
+  ``<cache>/huggingface/<owner>/<repo>/<path/in/repo>``;
+* anything else: a local file (``.safetensors`` files are read with safetensors).
 
-Every mismatch between the converted weights and the model is reported; strict loading (the default)
-turns any mismatch into a ``WeightsError`` so a pretrained backbone never starts partly random unnoticed.
+The layouts inside a file and their key conversion are in ``neco.models.formats``. Every mismatch between the
+converted weights and the model is reported; strict loading (the default) turns any mismatch into a
+``WeightsError`` so a pretrained backbone never starts partly random unnoticed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import pickle
@@ -29,13 +30,9 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
-from timm.models import vision_transformer as timm_vit
 
 log = logging.getLogger(__name__)
 
-# Wrapper entries that hold the weights, in the order they are tried. "teacher" comes first because DINO
-# full checkpoints hold both networks and the teacher is the released model.
-_WRAPPER_KEYS = ("teacher", "state_dict", "model", "module")
 _MAX_REPORTED_KEYS = 10
 
 
@@ -52,65 +49,123 @@ def default_cache_dir() -> Path:
 
 
 def resolve_weights(
-    weights: str | os.PathLike, default_url: str | None, backbone: str, cache_dir: str | Path | None = None
+    weights: str | os.PathLike, default_url: str | None, backbone: str, cache_dir: str | Path | None = None,
+    key: str = "backbone.weights",
 ) -> Path | None:
     """Turn a ``backbone.weights`` value into a local file, or ``None`` for random initialisation.
 
-    ``"default"`` uses the backbone's official URL, ``"random"`` means no weights, an ``http(s)://``
-    address is downloaded once into ``cache_dir``, anything else is a local path.
+    ``key`` is the config key named in error messages (``checkpoint`` for the export app).
     """
     if isinstance(weights, os.PathLike):
         weights = os.fspath(weights)
     if not isinstance(weights, str) or not weights:
         raise WeightsError(
-            f"backbone.weights={weights!r} is not a weights source: use 'default', 'random', "
-            "a checkpoint path or an https:// URL."
+            f"{key}={weights!r} is not a weights source: use 'default', 'random', a checkpoint path, "
+            "an https:// URL or hf://<owner>/<repo>/<file>."
         )
     if weights == "random":
         return None
     if weights == "default":
         if default_url is None:
             raise WeightsError(
-                f"Backbone '{backbone}' has no default pretrained weights: set backbone.weights=random "
-                "for a random initialisation, or backbone.weights=/path/to/checkpoint."
+                f"Backbone '{backbone}' has no default pretrained weights: set {key}=random "
+                f"for a random initialisation, or {key}=/path/to/checkpoint."
             )
-        return download(default_url, backbone, cache_dir)
+        # Official files keep their own name so the cache is shared with torch.hub.
+        return download(default_url, backbone, cache_dir, key=key, flat=True)
     if weights.startswith(("https://", "http://")):
-        return download(weights, backbone, cache_dir)
+        return download(weights, backbone, cache_dir, key=key)
+    if weights.startswith("hf://"):
+        return download_hf(weights, backbone, cache_dir, key=key)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsError(
-            f"backbone.weights={weights}: no such file. Set backbone.weights to an existing checkpoint "
-            "file, an https:// URL, 'default' (official weights) or 'random'."
+            f"{key}={weights}: no such file. Set {key} to an existing checkpoint file, an https:// URL, "
+            "hf://<owner>/<repo>/<file>, 'default' (official weights) or 'random'."
         )
     return path
 
 
-def download(url: str, backbone: str, cache_dir: str | Path | None = None) -> Path:
-    """Fetch ``url`` into the cache once; later calls reuse the file."""
-    dst = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    dst = dst / Path(urlparse(url).path).name
+def _url_cache_path(url: str, cache: Path, flat: bool, key: str) -> Path:
+    parsed = urlparse(url)
+    name = Path(parsed.path).name
+    if not name:
+        raise WeightsError(f"{key}={url}: the URL does not end in a file name.")
+    if flat:
+        return cache / name
+    # Host and path keep two releases with the same file name apart (e.g. the ViT-S and ViT-B files of a
+    # project are often both called model.ckpt); a query string (download tokens) gets its own folder.
+    folder = cache / "urls" / parsed.netloc / Path(parsed.path.lstrip("/")).parent
+    if parsed.query:
+        folder = folder / hashlib.sha256(parsed.query.encode()).hexdigest()[:12]
+    return folder / name
+
+
+def download(url: str, backbone: str, cache_dir: str | Path | None = None, key: str = "backbone.weights",
+             flat: bool = False) -> Path:
+    """Fetch ``url`` into the cache once (with a progress bar); later calls reuse the file, also offline."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    dst = _url_cache_path(url, cache, flat, key)
     if dst.is_file():
         return dst
-    log.info("Downloading weights of backbone '%s' from %s to %s", backbone, url, dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        # Looked up on torch.hub at call time so tests can stand in for the network.
-        # It writes to a temporary file and renames it, so an interrupted download leaves no partial file.
-        torch.hub.download_url_to_file(url, str(dst), progress=True)
+        from filelock import FileLock
+
+        # Several processes (DDP ranks, array jobs) sharing a cache download the file once.
+        with FileLock(str(dst) + ".lock"):
+            if not dst.is_file():
+                log.info("Downloading weights of backbone '%s' from %s to %s", backbone, url, dst)
+                # Looked up on torch.hub at call time so tests can stand in for the network. It writes to a
+                # temporary file and renames it, so an interrupted download leaves no partial file.
+                torch.hub.download_url_to_file(url, str(dst), progress=True)
     except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
         raise WeightsError(
             f"Could not download the weights of backbone '{backbone}' from {url} ({e}). Download the file "
-            f"yourself and put it at {dst}, or set backbone.weights=/path/to/file "
-            "(backbone.weights=random starts from random weights)."
+            f"yourself and put it at {dst}, or set {key}=/path/to/file "
+            f"({key}=random starts from random weights)."
         ) from None
     return dst
+
+
+def _parse_hf(spec: str, key: str) -> tuple[str, str | None, str]:
+    parts = spec[len("hf://"):].strip("/").split("/")
+    if len(parts) < 3 or not all(parts):
+        raise WeightsError(f"{key}={spec}: expected hf://<owner>/<repo>[@revision]/<path/in/repo>.")
+    repo, _, revision = parts[1].partition("@")
+    return f"{parts[0]}/{repo}", revision or None, "/".join(parts[2:])
+
+
+def download_hf(spec: str, backbone: str, cache_dir: str | Path | None = None,
+                key: str = "backbone.weights") -> Path:
+    """Fetch ``hf://<owner>/<repo>[@revision]/<file>`` once into ``<cache>/huggingface/...``."""
+    repo_id, revision, filename = _parse_hf(spec, key)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    local_dir = cache / "huggingface" / (repo_id + (f"@{revision}" if revision else ""))
+    dst = local_dir / filename
+    if dst.is_file():  # once fetched, no network call at all (works offline and on compute nodes)
+        return dst
+    log.info("Downloading weights of backbone '%s' from the Hugging Face Hub (%s) to %s", backbone, spec, dst)
+    try:
+        import huggingface_hub
+
+        # Looked up at call time so tests can stand in for the network; it shows its own progress bar.
+        got = Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, local_dir=local_dir))
+    except Exception as e:  # noqa: BLE001 - the hub's error classes differ between versions; all mean "not here"
+        raise WeightsError(
+            f"Could not fetch {spec} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"Download the file (hf download {repo_id} {filename} --local-dir {local_dir}) so that "
+            f"it is at {dst}, or set {key}=/path/to/file."
+        ) from None
+    if not got.is_file():
+        raise WeightsError(f"Fetching {spec} gave no file at {got}. Put the file at {dst} or set {key}.")
+    return got
 
 
 # --------------------------------------------------------------------------------------------- reading
 
 
-def read_checkpoint(path: str | Path) -> Mapping:
+def read_checkpoint(path: str | Path, key: str = "backbone.weights") -> Mapping:
     """Read a checkpoint as plain data (tensors, containers, numbers, strings); never run pickled code."""
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -119,104 +174,30 @@ def read_checkpoint(path: str | Path) -> Mapping:
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise WeightsError(f"backbone.weights={path}: not a readable safetensors file ({e}).") from None
+            raise WeightsError(f"{key}={path}: not a readable safetensors file ({e}).") from None
     # DINO full checkpoints carry their argparse namespace; it is plain data, so it is allowed by name.
     ctx = getattr(torch.serialization, "safe_globals", None)
     try:
         if ctx is None:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        with ctx([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            with ctx([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the class or function the file asks to call
         if found is None:  # not a pickle torch understands at all
-            raise WeightsError(f"backbone.weights={path}: not a readable checkpoint.") from None
+            raise WeightsError(f"{key}={path}: not a readable checkpoint (refused by the weights-only "
+                               "reader).") from None
         raise WeightsError(
-            f"backbone.weights={path}: the file holds pickled objects other than tensors ({found.group(1)}) "
+            f"{key}={path}: the file holds pickled objects other than tensors ({found.group(1)}) "
             "and is refused: outside weights are loaded weights-only. Re-save its state dict with "
             "torch.save(model.state_dict(), ...) or as .safetensors."
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise WeightsError(f"backbone.weights={path}: not a readable checkpoint ({e}).") from None
-
-
-def extract_backbone_state(obj: Mapping, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Find the backbone's tensors in a checkpoint and strip their key prefix (spec §2.7 steps 1-3)."""
-    cls_keys: list[str] = []
-    for _ in range(len(_WRAPPER_KEYS) + 1):
-        if not isinstance(obj, Mapping):
-            break
-        cls_keys = [k for k in obj if isinstance(k, str) and k.endswith("cls_token")]
-        if cls_keys:
-            break
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, Mapping) or not cls_keys:
-        raise WeightsError(
-            f"{source}: no ViT backbone weights found (no key ending in 'cls_token', also looked inside "
-            f"{', '.join(map(repr, _WRAPPER_KEYS))}). Check backbone.weights."
-        )
-    prefix = cls_keys[0][: -len("cls_token")]
-    if len(cls_keys) > 1:
-        # Several networks in one file (e.g. student and teacher): take the first, as the reference does.
-        others = ", ".join(repr(k[: -len("cls_token")]) for k in cls_keys[1:])
-        log.warning("%s holds several backbones; using prefix %r (also found: %s)", source, prefix, others)
-    return {
-        k[len(prefix):]: v
-        for k, v in obj.items()
-        if isinstance(k, str) and k.startswith(prefix) and "head" not in k and isinstance(v, torch.Tensor)
-    }
-
-
-# --------------------------------------------------------------------------------------------- conversion
-
-
-def is_dinov2_hub_layout(state: Mapping[str, torch.Tensor]) -> bool:
-    """True for keys as written by the official DINOv2 code (torch.hub checkpoints, DINOv2 training)."""
-    return (
-        "mask_token" in state
-        or "register_tokens" in state
-        or any(re.match(r"blocks\.\d+\.(\d+\.)?mlp\.w(12|3)\.", k) for k in state)
-        or any(re.match(r"blocks\.\d+\.\d+\.", k) for k in state)
-    )
-
-
-def to_timm_layout(
-    state: dict[str, torch.Tensor], model: nn.Module, drop_registers: bool = False, source: str = "checkpoint"
-) -> dict[str, torch.Tensor]:
-    """Convert a backbone state dict (timm or DINOv2-hub keys) to the keys of the timm ``model``.
-
-    ``drop_registers`` is the "XR" case (spec §2.7 (b)): weights trained with registers loaded into a
-    model without them. The registers are dropped and this is logged, never silent.
-    """
-    state = dict(state)
-    if drop_registers:
-        dropped = [k for k in ("register_tokens", "reg_token") if k in state]
-        if "reg_token" in state and not getattr(model, "no_embed_class", True):
-            # timm's register layout folds the CLS position embedding into cls_token and stores no CLS
-            # entry in pos_embed; a zero entry restores the CLS-inclusive layout with identical outputs.
-            pos = state["pos_embed"]
-            state["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
-        for k in dropped:
-            state.pop(k)
-        log.warning(
-            "%s: dropped %s: weights trained with register tokens are loaded into a model without "
-            "registers (XR variant, spec §2.7); the network runs without them.",
-            source,
-            dropped or "nothing (the checkpoint has no register tokens)",
-        )
-    if is_dinov2_hub_layout(state):
-        # DINOv2 training checkpoints chunk the blocks for FSDP ("blocks.<chunk>.<index>."); the inner
-        # index is already the global block index.
-        state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
-        # timm's DINOv2 key conversion (mask_token dropped, SwiGLU w12/w3 -> fc1/fc2, registers -> reg_token
-        # with the CLS position embedding folded into cls_token). It is called directly rather than through
-        # checkpoint_filter_fn because that one also resamples patch kernels and position embeddings of
-        # other sizes (and fails on some register mismatches): those must be reported, not adapted.
-        state = timm_vit._convert_dinov2(state, model)
-    return state
+        raise WeightsError(f"{key}={path}: not a readable checkpoint ({e}).") from None
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{key}={path}: holds a {type(obj).__name__}, not a state dict.")
+    return obj
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -255,9 +236,13 @@ class LoadReport:
 
 
 def load_checked(
-    model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool, source: str, backbone: str
+    model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool, source: str, backbone: str,
+    hint: str | None = None,
 ) -> LoadReport:
-    """Load ``state`` into ``model``; any mismatch raises if ``strict``, else is warned about."""
+    """Load ``state`` into ``model``; any mismatch raises if ``strict``, else is warned about.
+
+    ``hint`` (e.g. which ``backbone.name`` fits the weights) is added to the report.
+    """
     own = model.state_dict()
     report = LoadReport(
         missing=[k for k in own if k not in state],
@@ -269,7 +254,9 @@ def load_checked(
     usable = {k: v for k, v in state.items() if k in own and k not in bad}
     report.loaded = len(usable)
     if not report.ok:
-        text = report.describe(source, backbone)
+        text = report.describe(source, backbone) + (f"\n{hint}" if hint else "")
+        if strict and hint:  # another architecture: loading part of it is not a fix worth suggesting
+            raise WeightsError(text)
         if strict:
             raise WeightsError(
                 text + "\nSet backbone.strict=false to load the matching tensors anyway "
