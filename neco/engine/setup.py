@@ -71,7 +71,8 @@ def build_loader(data_cfg, paths, seed: int, rank: int = 0, world_size: int = 1)
     if not all(p in TRAIN_DATASETS or p in ("imagenet100k",) for p in parts):
         raise ConfigError(f"data.name={data_cfg.name!r}: choose {', '.join(TRAIN_DATASETS)} or several joined "
                           "by '+' (e.g. coco+imagenet100)")
-    dataset = build_train_dataset(data_cfg.name, dataset_roots(paths), build_multicrop(data_cfg), synthetic)
+    dataset = build_train_dataset(data_cfg.name, dataset_roots(paths), build_multicrop(data_cfg), synthetic,
+                                  on_bad_image=data_cfg.on_bad_image)
     sampler = ResumableSampler(len(dataset), shuffle=data_cfg.shuffle, seed=seed, rank=rank, world_size=world_size)
     loader = DataLoader(
         dataset, batch_size=data_cfg.batch_size, sampler=sampler, num_workers=data_cfg.num_workers,

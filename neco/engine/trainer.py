@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from neco.data.datasets import bad_image_count
 from neco.engine import dist
 from neco.engine.checkpoint import ResumeError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from neco.engine.log import MetricsLogger
@@ -275,4 +276,7 @@ class Trainer:
         }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        bad = bad_image_count(self.loader.dataset)  # unreadable images skipped so far (data.on_bad_image=skip)
+        if bad:
+            record["bad_images"] = bad
         return record

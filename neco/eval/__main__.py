@@ -27,7 +27,8 @@ def main(cfg: DictConfig) -> float:
     from neco.eval.runner import evaluate
 
     try:
-        records = evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
+        hydra_cfg = HydraConfig.get()
+        records = evaluate(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
     except MissingMandatoryValue as err:
         print(f"error: {err.full_key} must be set for this evaluation (e.g. {err.full_key}=/path/to/file)",
               file=sys.stderr)

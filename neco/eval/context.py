@@ -71,18 +71,26 @@ class EvalContext:
         )
 
 
+# Reserved key of a protocol's options: names of options set explicitly (they override per_dataset blocks).
+EXPLICIT_KEY = "__explicit__"
+
+
 def typed_options(schema: type, cfg: Mapping | None, dataset_name: str | None = None, protocol: str = ""):
     """Merge ``cfg`` over the defaults of dataclass ``schema`` (unknown or mistyped keys fail clearly).
 
     A ``per_dataset: {<dataset>: {...}}`` entry in ``cfg`` (a mapping, not part of ``schema``) is applied on
     top for ``dataset_name``: that is how a protocol keeps published defaults for the real datasets while the
-    small synthetic split gets sizes a CPU evaluates in seconds. Returns an instance of ``schema``.
+    small synthetic split gets sizes a CPU evaluates in seconds. Options the user set explicitly (listed by the
+    caller under the reserved key ``EXPLICIT_KEY``, e.g. from the command line) win over ``per_dataset``.
+    Returns an instance of ``schema``.
     """
     raw = OmegaConf.to_container(OmegaConf.create(dict(cfg or {})), resolve=True)
     per_dataset = raw.pop("per_dataset", None) or {}
+    explicit = raw.pop(EXPLICIT_KEY, None) or []
     layers = [raw]
     if dataset_name and dataset_name in per_dataset:
         layers.append(per_dataset[dataset_name])
+        layers.append({k: raw[k] for k in explicit if k in raw})
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
     except OmegaConfBaseException as err:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from neco.engine.log import environment_info
 from neco.engine.setup import resolve_device, resolve_precision, seed_everything
 from neco.errors import ConfigError
-from neco.eval.context import EvalContext, ProtocolResult
+from neco.eval.context import EXPLICIT_KEY, EvalContext, ProtocolResult
 from neco.eval.features import FeatureExtractor
 from neco.eval.results import append_to_table, write_results_json
 from neco.models.backbone import Backbone, build_backbone
@@ -55,6 +55,17 @@ def selected_protocols(eval_cfg: Mapping) -> dict[str, dict]:
         raise ConfigError("no evaluation protocol selected: pass eval=<protocol> or "
                           f"'eval=[p1,p2]' with protocols from {', '.join(p for p in PROTOCOLS if p != 'quick')}")
     return chosen
+
+
+def explicit_options(overrides: list[str], protocol: str) -> list[str]:
+    """Top-level option names of ``protocol`` set on the command line (``eval.<protocol>.<key>=...``)."""
+    prefix = f"eval.{protocol}."
+    keys = []
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key.startswith(prefix) and not key[len(prefix):].startswith("per_dataset"):
+            keys.append(key[len(prefix):].split(".", 1)[0])
+    return keys
 
 
 def load_model(cfg: DictConfig) -> tuple[Backbone, str]:
@@ -108,10 +119,15 @@ def dataset_getter(cfg: DictConfig):
     return get
 
 
-def evaluate(cfg: DictConfig, run_dir: Path) -> list[dict]:
-    """Run every selected protocol; write results.json (and the table rows); return the records."""
+def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> list[dict]:
+    """Run every selected protocol; write results.json (and the table rows); return the records.
+
+    ``overrides``: the command-line overrides; the protocol options they set win over ``per_dataset`` blocks.
+    """
     run_dir = Path(run_dir)
     protocols = selected_protocols(OmegaConf.to_container(cfg.eval, resolve=True))
+    for name, options in protocols.items():
+        options[EXPLICIT_KEY] = explicit_options(list(overrides or []), name)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
