@@ -1,5 +1,7 @@
 """Hummingbird protocol: label transfer vs brute force, upsampling, quirk options, known answers, end to end."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from neco.eval.hbird_search import TorchIndex, search_blocks
 from neco.eval.hummingbird import HummingbirdOptions, default_input_size, label_transfer, score, upsample_argmax
 from neco.eval.metrics import confusion_matrix
 
+YAML = Path(__file__).resolve().parents[1] / "conf" / "eval" / "hummingbird.yaml"
 P, GRID, C = 8, 4, 4
 SIZE = P * GRID
 COLORS = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], dtype=torch.uint8)
@@ -189,7 +192,7 @@ def test_lowshot_runs_per_seed_are_saved_and_deterministic(tmp_path):
 
 
 def test_yaml_options_and_per_dataset_block():
-    cfg = OmegaConf.load("conf/eval/hummingbird.yaml")
+    cfg = OmegaConf.load(YAML)
     published = typed_options(HummingbirdOptions, cfg, "voc", "hummingbird")
     assert published == HummingbirdOptions()  # the yaml lists the dataclass defaults
     synthetic = typed_options(HummingbirdOptions, cfg, "synthetic", "hummingbird")
@@ -200,7 +203,7 @@ def test_yaml_options_and_per_dataset_block():
 
 def test_end_to_end_on_synthetic(tmp_path):
     ctx = make_context(tmp_path, num_figures=2)
-    cfg = OmegaConf.load("conf/eval/hummingbird.yaml")
+    cfg = OmegaConf.load(YAML)
     cfg.per_dataset.synthetic.image_size = 48
     res = hummingbird.run(ctx, cfg)
     assert 0.0 <= res.metrics["miou"] <= 100.0 and 0.0 <= res.metrics["pixel_acc"] <= 100.0

@@ -176,7 +176,9 @@ def time_retrieval(
     seconds = time.perf_counter() - start
     factor = (num_memory / m) * (num_queries / q)
     return {
-        "search": search, "device": str(device), "memory_dtype": memory_dtype, "dim": dim, "k": k,
+        "search": search, "device": str(device), "dim": dim, "k": k,
+        # faiss on a CPU always stores float32
+        "memory_dtype": "float32" if search == "faiss" and device.type != "cuda" else memory_dtype,
         "slice_memory": m, "slice_queries": q, "slice_seconds": seconds,
         "num_memory": num_memory, "num_queries": num_queries,
         "extrapolated": not math.isclose(factor, 1.0), "estimated_seconds": seconds * factor,

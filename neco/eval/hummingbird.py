@@ -11,6 +11,7 @@ seed (``lowshot``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,8 @@ from neco.eval.hbird_memory import MemoryPlan, build_memory
 from neco.eval.hbird_search import make_index, resolve_search, search_blocks
 from neco.eval.lowshot import resolve_subset, select
 from neco.eval.metrics import confusion_matrix, hungarian_match, iou_from_confusion, remap_confusion
+
+log = logging.getLogger(__name__)
 
 PUBLISHED_SUBSET_SEEDS = [42, 400, 783, 1293, 4019]
 
@@ -173,6 +176,9 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
         if plan.rows + pad < opts.num_neighbours:
             raise ConfigError(f"the memory has {plan.rows + pad} rows, fewer than "
                               f"eval.hummingbird.num_neighbours={opts.num_neighbours}")
+        log.info("hummingbird: %d train images x %d epochs, %d of %d patches each -> %d memory rows (+%d zero), "
+                 "%d px, %s search", len(dataset), plan.epochs, plan.per_image, grid * grid, plan.rows, pad, size,
+                 search)
         index = make_index(search, plan.rows, dim, ctx.device, opts.memory_dtype)
         labels = build_memory(
             ctx.model, dataset, index, plan, image_size=size, patch_size=p, num_classes=num_classes,
