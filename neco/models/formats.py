@@ -44,6 +44,7 @@ class Extracted:
 
 
 def _flatten(obj: Mapping, prefix: str = "", depth: int = 0, out: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of nested mappings under its dotted path (``{"a": {"b": t}}`` -> ``{"a.b": t}``)."""
     out = {} if out is None else out
     for k, v in obj.items():
         key = f"{prefix}{k}"
@@ -55,6 +56,7 @@ def _flatten(obj: Mapping, prefix: str = "", depth: int = 0, out: dict | None = 
 
 
 def _role(prefix: str) -> str:
+    """Which network a prefix names. NeCo's and Leopart's Lightning modules keep the student as ``model``."""
     parts = [p.lower() for p in prefix.split(".") if p]
     if any("teacher" in p or p in ("ema", "model_ema", "ema_model", "momentum_encoder") for p in parts):
         return "teacher"
@@ -99,7 +101,7 @@ def _choose(prefixes: list[str], want: str, obj: Mapping, source: str) -> str:
         [p for p in prefixes if roles[p] == "single"] if want == "student" else [])
     if not matches:
         raise WeightsError(f"{source}: backbone.checkpoint_model={want}, but the file holds no {want} network "
-                          f"(found {found}). Set backbone.checkpoint_model to one of {CHECKPOINT_MODELS}.")
+                          f"(found {found}). Set backbone.checkpoint_model to {' or '.join(CHECKPOINT_MODELS)}.")
     if len(matches) > 1:
         log.warning("%s holds several %s backbones (%s): using the first, '%s'", source, want, found, matches[0])
     return matches[0]
