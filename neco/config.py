@@ -23,6 +23,9 @@ class BackboneConfig:
     # Every backbone option sets it; presets that need your own checkpoint leave it missing (???).
     weights: str = MISSING
     strict: bool = True
+    # Files holding a student and a teacher: auto (the teacher of DINO/DINOv2 training checkpoints, the student
+    # of NeCo and of this project's checkpoints) | student | teacher.
+    checkpoint_model: str = "auto"
     drop_path_rate: float = 0.1  # student only; the teacher always runs without stochastic depth
 
 

@@ -8,18 +8,53 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 import neco.config  # noqa: F401
+import neco.eval.config  # noqa: F401  (the schema of `python -m neco.eval`)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def _compose(overrides=()):
+def _compose(overrides=(), config="train"):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose(config, overrides=list(overrides))
+
+
+def _is_protocol(path: Path) -> bool:
+    """Evaluation protocols (`python -m neco.eval`) live in conf/eval/ under `# @package eval.<name>`."""
+    return path.read_text().startswith("# @package eval.")
 
 
 def _options(group: str) -> list[str]:
     root = CONF / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not _is_protocol(p))
+
+
+PROTOCOLS = sorted(p.stem for p in (CONF / "eval").glob("*.yaml") if _is_protocol(p))
+
+
+def test_every_protocol_composes_for_evaluation():
+    import importlib
+
+    from neco.eval.context import typed_options
+    from neco.eval.runner import PROTOCOLS as REGISTERED
+
+    assert set(PROTOCOLS) == set(REGISTERED) - {"quick"}
+    cfg = _compose([f"eval=[{','.join(PROTOCOLS)}]"], config="evaluate")
+    for name in PROTOCOLS:
+        module = importlib.import_module(REGISTERED[name])
+        schema = next(v for k, v in vars(module).items() if k.endswith("Options") and isinstance(v, type))
+        options = OmegaConf.to_container(cfg.eval[name], resolve=True)
+        # The yaml lists the schema's defaults, and every per-dataset block is valid for the schema.
+        for dataset in ["voc", *options.get("per_dataset", {})]:
+            typed_options(schema, options, dataset, name)
+        defaults = OmegaConf.to_container(OmegaConf.structured(schema))
+        listed = {k: v for k, v in options.items() if k != "per_dataset"}
+        assert listed == {k: defaults[k] for k in listed}, name
+
+
+def test_every_experiment_composes_for_evaluation():
+    for option in _options("experiment"):
+        cfg = _compose([f"experiment={option}", "eval=overcluster"], config="evaluate")
+        assert "overcluster" in cfg.eval
 
 
 @pytest.mark.parametrize("group", ["backbone", "data", "loss", "optim", "eval", "logger", "paths", "debug",

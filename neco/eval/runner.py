@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import logging
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from neco.config import EvalConfig
 from neco.engine.log import environment_info
 from neco.engine.setup import resolve_device, resolve_precision, seed_everything
 from neco.errors import ConfigError
@@ -20,7 +22,7 @@ from neco.eval.context import EXPLICIT_KEY, EvalContext, ProtocolResult
 from neco.eval.features import FeatureExtractor
 from neco.eval.results import append_to_table, write_results_json
 from neco.models.backbone import Backbone, build_backbone
-from neco.models.weights import WeightsError, read_checkpoint
+from neco.models.weights import WeightsError
 
 log = logging.getLogger("neco")
 
@@ -32,9 +34,8 @@ PROTOCOLS = {
     "unsup_seg": "neco.eval.unsup_seg",
     "quick": "neco.eval.quick_protocol",
 }
-# Keys of the training-time `eval` settings (EvalConfig) that a training preset may leave in cfg.eval.
-_TRAINING_EVAL_KEYS = {"name", "before_training", "after_training", "every_n_epochs", "image_size",
-                       "train_images", "val_images", "num_figures"}
+# Keys of the training-time `eval` settings that a training preset may leave in cfg.eval.
+_TRAINING_EVAL_KEYS = {f.name for f in dataclasses.fields(EvalConfig)}
 
 
 def selected_protocols(eval_cfg: Mapping) -> dict[str, dict]:
@@ -76,21 +77,18 @@ def load_model(cfg: DictConfig) -> tuple[Backbone, str]:
         if weights is None or OmegaConf.is_missing(bcfg, "weights"):
             raise ConfigError(f"backbone={bcfg.name} has no default weights: pass checkpoint=PATH or "
                               "backbone.weights=PATH")
-        model = build_backbone(bcfg.name, weights=weights, strict=bcfg.strict, cache_dir=cfg.paths.weights)
-        return model.eval(), _weights_key(bcfg.name, str(weights), None, "")
+        model = build_backbone(bcfg.name, weights=weights, strict=bcfg.strict, cache_dir=cfg.paths.weights,
+                               checkpoint_model=bcfg.checkpoint_model)
+        return model.eval(), _weights_key(bcfg.name, str(weights), None, bcfg.checkpoint_model)
     if cfg.checkpoint_model not in ("student", "teacher"):
         raise ConfigError(f"checkpoint_model={cfg.checkpoint_model!r}: choose student or teacher")
     path = Path(os.path.expanduser(cfg.checkpoint))
     if not path.is_file():
         raise WeightsError(f"checkpoint={path}: no such file (a run's checkpoints are in "
                            "<run dir>/checkpoints/last.pt)")
-    obj = read_checkpoint(path)
-    if isinstance(obj, Mapping) and cfg.checkpoint_model in obj and isinstance(obj[cfg.checkpoint_model], Mapping):
-        obj = obj[cfg.checkpoint_model]  # a training checkpoint of this project: {"student": ..., "teacher": ...}
-    elif cfg.checkpoint_model == "teacher":
-        raise WeightsError(f"checkpoint={path} holds no 'teacher' entry; use checkpoint_model=student")
     model = build_backbone(bcfg.name, weights="random", strict=bcfg.strict)
-    model.load_weights(obj, strict=bcfg.strict)
+    # This project's checkpoints hold {"student", "teacher"}; NeCo Lightning files "model." and "teacher.".
+    model.load_weights(path, strict=bcfg.strict, checkpoint_model=cfg.checkpoint_model)
     return model.eval(), _weights_key(bcfg.name, str(path), path, cfg.checkpoint_model)
 
 
