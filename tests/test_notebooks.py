@@ -16,9 +16,11 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 def _execute(name: str, tmp_path: Path, env: dict) -> nbformat.NotebookNode:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env | {"MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"})
+    os.environ.update(env | {"OMP_NUM_THREADS": "1"})
     try:
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        client = NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(tmp_path)}})
+        client.execute()
     finally:
         for k, v in old.items():
             if v is None:
@@ -40,6 +42,7 @@ def test_results_notebook(tmp_path):
     assert "4 rows from" in text
     # The latest value of each (model, checkpoint, metric) is listed: k6 mIoU of the pretrained row is 13.5.
     assert "pretrained" in text and "13.50" in text and "last.pt (student)" in text
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
 @pytest.mark.slow
