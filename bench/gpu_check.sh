@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check in one run of about six minutes, on a bare GPU machine with no network:
 #   1. install the wheels carried in .whl/ (hydra-core, omegaconf, antlr4 runtime, diffsort; see bench/README.md)
-#   2. the tests marked `gpu` (among them the sparse sorter against the float64 dense path on the GPU)
-#   3. python -m neco.bench with the full settings (eager), JSON lines to $OUT/bench_<date>_<device>.jsonl
+#   2. the tests marked `gpu` (among them the sparse sorter and the Triton kernels against the float64 dense path)
+#   3. python -m neco.bench with the full settings (eager; its sort and step rows include loss.sorter=triton),
+#      JSON lines to $OUT/bench_<date>_<device>.jsonl
 #   4. the training steps again with compiled backbones, in whatever time is left
 # Each stage runs under `timeout`, so a slow or failing stage leaves the next ones their time; the bench writes
 # each JSON line as it is measured, so a stage cut short still returns what it measured.
@@ -41,9 +42,10 @@ for name in ("torch", "triton", "timm", "torchvision", "numpy", "omegaconf", "hy
         print(f"  {name} MISSING ({err})")
 EOF
 
-# 2. GPU tests (the sorter check is tests/test_bench.py::*_on_gpu). Exit code 5 means none were collected;
-# test modules that import packages this machine lacks are reported but do not stop the gpu tests elsewhere.
-timeout -k 5 "$(cap 90)" python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests \
+# 2. GPU tests (the sorter checks are tests/test_bench.py::*_on_gpu and tests/test_triton_sort.py::*_on_gpu, which
+# also compile the Triton kernels). Exit code 5 means none were collected; test modules that import packages
+# this machine lacks are reported but do not stop the gpu tests elsewhere.
+timeout -k 5 "$(cap 150)" python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests \
   >"$OUT/pytest_gpu_${tag}.log" 2>&1
 rc=$?
 tail -n 15 "$OUT/pytest_gpu_${tag}.log"
@@ -52,7 +54,8 @@ if [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || { [ "$rc" -eq 1 ] && ! grep -qE "^(FAIL
 then echo "gpu_check: gpu tests ok (pytest exit $rc; modules that could not be collected are listed above)"
 else echo "gpu_check: gpu tests FAILED (pytest exit $rc)"; fi
 
-# 3. The benchmark, eager: sorter, steps at 224 and 518 (NeCo, floor, dense at 224), loader.
+# 3. The benchmark, eager: sorters (triton among them), steps at 224 and 518 (NeCo with the sparse and the triton
+# sorter, floor, dense at 224), loader.
 # JSON lines go to the file; stderr (the table) to the log and to this output.
 timeout -k 10 "$(cap 230)" python3 -m neco.bench --out "$OUT/bench_${tag}.jsonl" --workers 8 $BENCH_ARGS \
   2>&1 >/dev/null | tee "$OUT/bench_${tag}.log"

@@ -3,45 +3,43 @@
     python -m neco.bench                            # GPU: ViT-S/14+reg4, batch 64, crops 224 and 518
     python -m neco.bench --compile --parts step     # the same steps with compiled backbones
     python -m neco.bench --quick                    # tiny CPU run (vit_tiny, batch 2, one step)
+    python -m neco.bench --triton-sizes ""          # without the loss.sorter=triton steps
     python -m neco.bench loss.network=odd_even      # trailing key=value pairs override the config
 
 Prints one JSON object per measurement (stdout, and `--out FILE`), then a table against the targets (stderr).
 A step is the trainer's own: `Trainer.compute_loss` and `Trainer._optimizer_step` on random crops already on
 the device, with boxes from the MultiCrop box sampler. The floor is the same step with a loss that costs
-nothing: what the backbones, head, AdamW and EMA cost whatever the objective.
+nothing: what the backbones, head, AdamW and EMA cost whatever the objective. The Triton sorter (sort and
+step rows) runs on CUDA only; elsewhere a `skip` line says why.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import json
 import math
 import platform
-import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from neco.bench_sort import SORT_TARGET_MS, failure, fresh_memory, measure_sorts, sync, triton_skip_reason
 from neco.config import TrainConfig
 from neco.data.multicrop import pairwise_boxes
 from neco.engine.optim import build_optimizer, build_schedules, param_groups
 from neco.engine.setup import build_multicrop, build_student_teacher, resolve_precision
 from neco.engine.trainer import Trainer
 from neco.loss.neco import NeCoLoss
-from neco.loss.sorting import diff_sort, diff_sort_dense
 
 PARTS = ("sort", "step", "loader")
 # Targets for the objective's overhead over the floor, per global crop size, and for one sort (fwd + bwd, ms).
 STEP_TARGETS = {224: {"time_ratio": 1.15, "memory_ratio": 1.25}, 518: {"time_ratio": 1.15, "peak_gib": 45.0}}
-SORT_TARGET_MS = {"bitonic": 1.0, "odd_even": 3.0}
 # ANCHORS.md, one H200: (images/s, peak GiB) of the floor (bf16, eager) and the shipped reference (bf16, fused
 # attention). A yardstick only: compare ratios taken within one run on one card.
 ANCHORS = {224: {"floor": (857.0, 9.8), "reference": (89.4, 20.2)},
@@ -58,25 +56,6 @@ def environment(device: torch.device) -> dict:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu {platform.machine()}"
     return {"device": name, "torch": torch.__version__, "triton": version("triton"), "timm": version("timm")}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # host-device sync: a host timer must see the device work finished
-
-
-def fresh_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def failure(err: Exception) -> str:
-    traceback.print_exc()  # the whole story goes to the log; the JSON line names the failure
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return "out of memory"
-    return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
 
 
 def peak_gib(device: torch.device) -> float | None:
@@ -176,7 +155,7 @@ def step_ratio(neco: dict, floor: dict) -> dict | None:
     if "step_ms" not in neco or "step_ms" not in floor:
         return None
     size = neco["global_size"]
-    out = {"kind": "ratio", "global_size": size, "compile": neco["compile"],
+    out = {"kind": "ratio", "global_size": size, "sorter": neco["sorter"], "compile": neco["compile"],
            "time_ratio": neco["step_ms"] / floor["step_ms"], "peak_gib": neco["peak_gib"]}
     if neco["peak_gib"] is not None:
         out["memory_ratio"] = neco["peak_gib"] / floor["peak_gib"]
@@ -187,87 +166,6 @@ def step_ratio(neco: dict, floor: dict) -> dict | None:
         out["checks"] = {k: None if out.get(k) is None else out[k] <= v for k, v in target.items()}
         out["met"] = None if None in out["checks"].values() else all(out["checks"].values())
     return out
-
-
-# ------------------------------------------------------------------------------------------------ sorter
-def _median_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()  # host-device sync: read this repetition's time
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t))
-    return statistics.median(times)
-
-
-def _extra_mib(fn, device: torch.device) -> float | None:
-    """Peak memory one call adds over what was allocated before it."""
-    if device.type != "cuda":
-        return None
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-
-def sorters(network: str, n: int, steepness: float, device: torch.device, compiled: bool) -> dict:
-    def sparse(x):
-        return diff_sort(x, network, steepness)
-
-    if compiled:
-        return {"sparse_compiled": torch.compile(sparse)}
-    impls = {"sparse": sparse, "dense": lambda x: diff_sort_dense(x, network, steepness)}
-    try:
-        from diffsort import DiffSortNet
-
-        impls["diffsort"] = DiffSortNet(network, n, device=device, steepness=steepness, distribution="cauchy")
-    except ImportError:
-        pass
-    return impls
-
-
-def measure_sorts(args, device: torch.device, compiled: bool) -> list[dict]:
-    rows, n, steepness = args.sort_rows, 49, 100.0
-    x0 = torch.randn(rows, n, device=device)
-    grad = torch.randn(rows, n, n, device=device)  # a random upstream gradient for the permutation matrices
-    records = []
-    for network in ("bitonic", "odd_even"):
-        impls = sorters(network, n, steepness, device, compiled)
-        for name, fn in impls.items():
-
-            def fwd_bwd(fn=fn):
-                x = x0.clone().requires_grad_(True)
-                fn(x)[1].backward(grad)
-
-            def fwd(fn=fn):
-                with torch.no_grad():
-                    fn(x0)
-
-            record = {"kind": "sort", "impl": name, "network": network, "rows": rows, "n": n,
-                      "steepness": steepness, "distribution": "cauchy", "warmup": args.sort_warmup,
-                      "reps": args.sort_reps}
-            try:
-                record["fwd_bwd_ms"] = _median_ms(fwd_bwd, device, args.sort_warmup, args.sort_reps)
-                record["fwd_ms"] = _median_ms(fwd, device, args.sort_warmup, args.sort_reps)
-                record["peak_mib"] = _extra_mib(fwd_bwd, device)
-                record["fwd_peak_mib"] = _extra_mib(fwd, device)
-            except Exception as err:
-                record["error"] = failure(err)
-            fresh_memory(device)
-            records.append(record)
-    return records
 
 
 # ------------------------------------------------------------------------------------------------ loader
@@ -315,6 +213,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", default="224,518", help="global crop sizes, comma-separated")
     p.add_argument("--local-size", type=int, default=98)
     p.add_argument("--dense-sizes", default="224", help="global sizes that also run loss.sorter=dense")
+    p.add_argument("--triton-sizes", default="224,518", help="global sizes that also run loss.sorter=triton")
     p.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
     p.add_argument("--compile", action="store_true", help="nn.Module.compile on both backbones")
     p.add_argument("--compile-sort", action="store_true", help="also time torch.compile'd sparse sorts")
@@ -331,7 +230,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.device, args.backbone, args.batch, args.sizes, args.local_size = "cpu", "vit_tiny", 2, "64", 32
-        args.dense_sizes, args.warmup, args.steps, args.sort_rows = "64", 0, 1, 16
+        args.dense_sizes, args.triton_sizes, args.warmup, args.steps, args.sort_rows = "64", "64", 0, 1, 16
         args.sort_warmup, args.sort_reps, args.workers, args.loader_rounds = 0, 1, 0, 1
     return args
 
@@ -367,7 +266,8 @@ def print_table(records: list[dict], file=sys.stderr) -> None:
             goal = ", ".join(f"{k} <= {v} {verdict[checks.get(k)]}" for k, v in r.get("targets", {}).items())
             mem = f"memory x{r['memory_ratio']:.2f}" if "memory_ratio" in r else "memory -"
             peak = f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""
-            print(f"  NeCo/floor {r['global_size']:>4}: time x{r['time_ratio']:.2f}, {mem}{peak}"
+            sorter = f" {r['sorter']}" if r.get("sorter") else ""
+            print(f"  NeCo/floor {r['global_size']:>4}{sorter}: time x{r['time_ratio']:.2f}, {mem}{peak}"
                   f"   targets: {goal or '-'}", file=file)
         elif r["kind"] == "sort" and "error" not in r:
             peak = f"{r['peak_mib']:7.0f} MiB" if r["peak_mib"] is not None else "      - MiB"
@@ -375,6 +275,8 @@ def print_table(records: list[dict], file=sys.stderr) -> None:
             verdict = "MET" if r["fwd_bwd_ms"] <= target else "NOT MET"
             print(f"  sort {r['network']:<8} {r['impl']:<16} fwd+bwd {r['fwd_bwd_ms']:8.2f} ms  "
                   f"fwd {r['fwd_ms']:7.2f} ms  {peak}   target {target} ms: {verdict}", file=file)
+        elif r["kind"] == "skip":
+            print(f"  {r['what']}: skipped, {r['reason']}", file=file)
         elif r["kind"] == "loader":
             rate = f"{r['images_per_s']:.1f}" if r["images_per_s"] else "-"
             print(f"  loader {r['global_size']}/{r['local_size']} workers={r['workers']}: {rate} img/s "
@@ -412,15 +314,29 @@ def main(argv=None) -> list[dict]:
         for r in measure_sorts(args, device, compiled=False):
             emit(r)
     if "step" in parts:
+        sizes = [int(s) for s in args.sizes.split(",")]
         dense_sizes = {int(s) for s in args.dense_sizes.split(",") if s}
-        for size in (int(s) for s in args.sizes.split(",")):
+        triton_sizes = {int(s) for s in args.triton_sizes.split(",") if s} & set(sizes)
+        skip = triton_skip_reason(device) if triton_sizes else None
+        if skip:
+            emit({"kind": "skip", "what": "step triton", "reason": skip})
+        for size in sizes:
             cfg = base_config(args)
             cfg.data.global_size = size
             neco = measure_step(cfg, device, amp_dtype, "neco", args.warmup, args.steps)
             emit(neco)
+            fused = None
+            if size in triton_sizes and not skip and cfg.loss.sorter != "triton":
+                # "NeCo step, triton sorter": the same step with the fused sorting kernels.
+                cfg.loss.sorter = "triton"
+                fused = measure_step(cfg, device, amp_dtype, "neco", args.warmup, args.steps)
+                emit(fused)
+                cfg.loss.sorter = neco["sorter"]
             floor = measure_step(cfg, device, amp_dtype, "floor", args.warmup, args.steps)
             emit(floor)
             emit(step_ratio(neco, floor))
+            if fused:
+                emit(step_ratio(fused, floor))
             if size in dense_sizes:
                 cfg.loss.sorter = "dense"
                 emit(measure_step(cfg, device, amp_dtype, "neco", args.warmup, args.steps))
