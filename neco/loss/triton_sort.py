@@ -49,10 +49,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton sorter cannot run on ``device`` here, or None when it can."""
     if triton is None:
         return "triton is not installed"
-    if device.type == "cuda" and not INTERPRETED:
+    if device.type == "cuda" or INTERPRETED:  # the interpreter works on host copies of any tensor
         return None
-    if INTERPRETED:
-        return None  # the interpreter runs on host copies of any tensor
     return f"Triton kernels need a CUDA tensor (got {device.type}; TRITON_INTERPRET=1 runs them on CPU)"
 
 
@@ -281,6 +279,13 @@ def _plan(network: str, n: int, device: torch.device) -> _Plan:
     return _Plan(table.to(device), len(layers), comparators, slots, offset)
 
 
+@lru_cache(maxsize=64)
+def _steepness(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # A device tensor in the compute dtype (a Python float would reach the kernel as float32), made once: a
+    # host-to-device copy per call would cost a copy and a possible sync per sort.
+    return torch.tensor([value], dtype=dtype, device=device)
+
+
 def _launch(slots: int, rows: int) -> tuple[int, int, int]:
     """(rows per program, programs, warps). About 4096 matrix entries a program on a GPU: one row of 64 slots,
     several small rows. The interpreter pays per operation, not per entry, so it takes up to 64 rows at once."""
@@ -296,7 +301,7 @@ class _TritonSort(torch.autograd.Function):
         plan = _plan(network, n, x.device)
         per, programs, warps = _launch(plan.slots, rows)
         x = x.contiguous()
-        steep = torch.tensor([steepness], dtype=x.dtype, device=x.device)
+        steep = _steepness(steepness, x.dtype, x.device)
         alphas, diffs = x.new_empty(2, rows, max(plan.layers, 1), plan.comparators)
         values, X = torch.empty_like(x), torch.empty(rows, n, n, dtype=x.dtype, device=x.device)
         gather = exchange == "gather"
