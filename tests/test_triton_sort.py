@@ -116,7 +116,7 @@ def _interpreted_main() -> None:
     launch, results = ts._launch, {}
     for name, spec in CASES.items():
         per = spec["per"]
-        ts._launch = launch if per is None else lambda slots, rows, per=per: (per, -(-rows // per), 4)
+        ts._launch = launch if per is None else lambda slots, rows, backward, per=per: (per, -(-rows // per), 4)
         results[name] = compare(spec, torch.device("cpu"))
     ts._launch = launch
     results["pair_loss"] = pair_loss_errors(torch.device("cpu"))
