@@ -153,6 +153,29 @@ def test_interpreted_pair_loss_with_triton_sorter_matches_sparse(interpreted):
     assert errors["loss"] < 1e-12 and errors["gradient"] < FLOAT64_TOL, errors
 
 
+def test_kernels_compile_for_an_h100():
+    """The interpreter checks the arithmetic, not the GPU lowering: compile the float32 kernels for sm_90 with
+    the ptxas that ships in the Triton wheel (no GPU needed), as the default exchange and launch use them."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import neco.loss.triton_sort as ts
+
+    if ts.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 in this process: the kernels are interpreted")
+    launches = ((ts._sort_fwd, {}, False), (ts._sort_bwd, {"HAS_GXS": True, "HAS_GX": True}, True))
+    for kernel, flags, backward in launches:
+        per, _, warps = ts._launch(64, 3136, backward)
+        constexprs = {"R": per, "S": 64, "DIST": 0, "GATHER": ts.DEFAULT_EXCHANGE == "gather", **flags}
+        names = kernel.arg_names
+        signature = {a: "constexpr" if a in constexprs else "*i32" if a == "tab_ptr" else
+                     "*fp32" if a.endswith("_ptr") else "i32" for a in names}
+        source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constexprs.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        assert compiled.asm["cubin"], kernel
+
+
 # ---------------------------------------------------------------------------------------- dispatch
 def test_cpu_tensor_without_interpreter_is_refused_naming_the_option():
     pytest.importorskip("triton")
