@@ -13,10 +13,11 @@ that many wires, its lowest ``pad`` being the dropped ones (diffsort's conventio
 above ``n`` unused. Unused slots hold zeros and identity comparators, which pass them through unchanged. The
 network is the sparse path's own (:func:`neco.loss.sorting.sorting_network`), so both follow diffsort 0.2.0.
 
-Moving a value to its comparator partner is a gather along the wire axis: ``tl.gather`` (Triton >= 3.2) by
-default, or a round trip through a per-row scratch buffer in global memory (``exchange="scratch"``), which any
-Triton supports. float32 and float64 inputs are computed in their own precision (half precision in float32).
-Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on CPU tensors.
+Moving a value to its comparator partner is a gather along the wire axis: ``tl.gather`` by default (a warp
+shuffle here, as the wire axis lies within a warp), or a round trip through a per-program scratch buffer in
+global memory (``exchange="scratch"``), which needs nothing beyond loads, stores and barriers. float32 and
+float64 inputs are computed in their own precision (half precision in float32). Under ``TRITON_INTERPRET=1``
+(set before this module is imported) the kernels run on CPU tensors.
 """
 
 from __future__ import annotations
