@@ -43,9 +43,9 @@ for name in ("torch", "triton", "timm", "torchvision", "numpy", "omegaconf", "hy
 EOF
 
 # 2. GPU tests (the sorter checks are tests/test_bench.py::*_on_gpu and tests/test_triton_sort.py::*_on_gpu, which
-# also compile the Triton kernels). Exit code 5 means none were collected; test modules that import packages
+# also compile the Triton kernels; GPU_TESTS narrows the files). Exit code 5 means none were collected; test modules that import packages
 # this machine lacks are reported but do not stop the gpu tests elsewhere.
-timeout -k 5 "$(cap 150)" python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests \
+timeout -k 5 "$(cap 150)" python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors ${GPU_TESTS:-tests} \
   >"$OUT/pytest_gpu_${tag}.log" 2>&1
 rc=$?
 tail -n 15 "$OUT/pytest_gpu_${tag}.log"

@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from neco.errors import ConfigError
-from neco.loss.pair import pair_loss
+from neco.loss.pair import SORTERS, pair_loss
 from neco.loss.sorting import DISTRIBUTIONS, SORT_NETWORKS
 
 _CHOICES = {
@@ -27,7 +27,7 @@ _CHOICES = {
     "reference_source": ("teacher", "student"),
     "queue_counter": ("shared", "per_queue"),
     "box_scale": ("patch", "grid"),
-    "sorter": ("sparse", "dense"),
+    "sorter": tuple(SORTERS),
 }
 
 QUEUE_ROWS_PER_IMAGE = 10  # the reference pushes 10 random teacher tokens per image and teacher crop
