@@ -8,7 +8,6 @@ own subsampling to 256 points per centroid for training.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import faiss
@@ -17,22 +16,9 @@ import torch
 
 from neco.errors import ConfigError
 from neco.eval.cbfe import nearest_indices
+from neco.eval.clustering import faiss_threads
 
 __all__ = ["faiss_threads", "standardise_pca", "faiss_kmeans", "assign", "ForegroundClustering"]
-
-
-@contextlib.contextmanager
-def faiss_threads(threads: int | None):
-    """Temporarily cap faiss's OpenMP threads (``None``: leave them alone)."""
-    if threads is None:
-        yield
-        return
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
 
 
 def standardise_pca(parts: Sequence[torch.Tensor], dim: int, chunk: int = 262_144) -> torch.Tensor:
