@@ -7,21 +7,25 @@ the ``paths.<key>`` config entry to fix, the path that was tried and what it sho
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple, TypeVar, Union
+from typing import NamedTuple, Union
 
-import numpy as np
-import torch
-from PIL import Image, ImageOps
 from torch.utils.data import ConcatDataset, Dataset
 
+from .images import (  # noqa: F401  (re-exported: the readers' public names)
+    BAD_IMAGE_POLICIES,
+    BadImageCounter,
+    ImageReadError,
+    bad_image_count,
+    check_bad_image_policy,
+    load_rgb,
+    read_or_substitute,
+)
 from .labels import IMAGENET100_WNIDS
 from .synthetic import SyntheticTrain
 
 PathLike = Union[str, os.PathLike]
-T = TypeVar("T")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -32,107 +36,6 @@ _ALIASES = {"imagenet100k": "imagenet100"}
 
 class DatasetNotFound(FileNotFoundError):
     """A dataset folder is missing, incomplete or has no images; the message names the config key to set."""
-
-
-class ImageReadError(OSError):
-    """An image file exists but cannot be decoded."""
-
-
-BAD_IMAGE_POLICIES = ("skip", "raise")
-# A bad file is replaced by the next readable one; this many failures in a row means the data is broken.
-MAX_CONSECUTIVE_BAD = 16
-_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-log = logging.getLogger("neco")
-
-
-def _to_8bit(im: Image.Image) -> Image.Image:
-    """16-bit greyscale ('I;16*', or 'I' as PIL opens some 16-bit files) -> 8-bit 'L', scaled by 255/65535.
-
-    PIL's own convert("RGB") clips these values at 255, which turns most 16-bit images white.
-    """
-    values = np.asarray(im, dtype=np.float64)
-    return Image.fromarray(np.round(np.clip(values, 0, 65535) / 257.0).astype(np.uint8), mode="L")
-
-
-def load_rgb(path: PathLike, exif: bool = True) -> Image.Image:
-    """Open an image as 8-bit RGB: greyscale, palette, CMYK and 16-bit files included.
-
-    ``exif=True`` applies the EXIF orientation tag (phone photos are often stored rotated). Images with a
-    pixel-aligned mask must keep ``exif=False``: masks are drawn on the stored pixels, and the reference
-    never rotates either.
-    """
-    try:
-        with Image.open(path) as im:
-            if exif:
-                im = ImageOps.exif_transpose(im)
-            if im.mode in _HIGH_BIT_MODES:
-                im = _to_8bit(im)
-            elif im.mode in ("P", "PA") and "transparency" in im.info:
-                # Palette transparency must go through RGBA, or PIL warns and may mis-map colours.
-                im = im.convert("RGBA")
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"could not read image {path}: {e}") from e
-
-
-class BadImageCounter:
-    """How many unreadable images were replaced so far, shared with DataLoader worker processes.
-
-    The count lives in shared memory so the trainer (main process) sees what its workers skipped. Two workers
-    failing at the same instant may lose one increment; the count is a warning signal, not an exact tally.
-    """
-
-    def __init__(self):
-        self._count = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._warned: set[str] = set()  # per process: one warning per file
-
-    def record(self, path: str, error: Exception) -> None:
-        self._count += 1
-        if path not in self._warned:
-            self._warned.add(path)
-            log.warning("skipping unreadable image (data.on_bad_image=skip): %s", error)
-
-    @property
-    def value(self) -> int:
-        return int(self._count)
-
-
-def check_bad_image_policy(policy: str) -> str:
-    if policy not in BAD_IMAGE_POLICIES:
-        raise ValueError(f"data.on_bad_image={policy!r}: choose skip (warn, count, use the next image) or raise")
-    return policy
-
-
-def read_or_substitute(read: Callable[[int], T], index: int, size: int, policy: str,
-                       counter: BadImageCounter, path_of: Callable[[int], str]) -> T:
-    """``read(index)``; under ``policy="skip"`` an :class:`ImageReadError` is counted and the next index is
-    read instead (the batch keeps its size, and the replacement is deterministic)."""
-    for step in range(min(size, MAX_CONSECUTIVE_BAD)):
-        i = (index + step) % size
-        try:
-            return read(i)
-        except ImageReadError as e:
-            if policy == "raise":
-                raise ImageReadError(f"{e} (set data.on_bad_image=skip to skip unreadable images)") from e
-            counter.record(path_of(i), e)
-    raise ImageReadError(
-        f"{min(size, MAX_CONSECUTIVE_BAD)} images in a row could not be read, starting at {path_of(index)}: "
-        "the dataset looks broken (run python -m neco.data.check)"
-    )
-
-
-def bad_image_count(dataset) -> int:
-    """Unreadable images skipped so far by ``dataset`` (or the parts of a concatenation); 0 if it never skips."""
-    counters = {}
-    stack = [dataset]
-    while stack:
-        d = stack.pop()
-        if isinstance(d, ConcatDataset):
-            stack.extend(d.datasets)
-        elif isinstance(getattr(d, "bad_counter", None), BadImageCounter):
-            counters[id(d.bad_counter)] = d.bad_counter
-    return sum(c.value for c in counters.values())
 
 
 def _has_ext(name: str, extensions: Sequence[str]) -> bool:
