@@ -21,7 +21,7 @@ class EvalAppConfig(TrainConfig):
     checkpoint: Optional[str] = None  # a checkpoint of this project or any backbone file; null: backbone.weights
     checkpoint_model: str = "student"  # student (spec §5) | teacher
     batch_size: int = 32  # feature extraction
-    num_workers: int = 4
+    num_workers: int = 4  # loader processes (at most the number of CPU cores)
     cache_features: bool = True  # features of a split are extracted once per (weights, data, resolution)
     cache_dir: str = "${paths.output_dir}/cache/features"
     num_figures: int = 4

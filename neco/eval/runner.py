@@ -132,8 +132,10 @@ def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
     model, model_key = load_model(cfg)
     model.to(device).requires_grad_(False)
     progress = bool(cfg.logger.progress)
+    # More loader processes than cores only adds contention; results do not depend on the number.
+    num_workers = min(cfg.num_workers, os.cpu_count() or 1)
     extractor = FeatureExtractor(model, device=device, amp_dtype=amp_dtype, batch_size=cfg.batch_size,
-                                 num_workers=cfg.num_workers, model_key=model_key, progress=progress,
+                                 num_workers=num_workers, model_key=model_key, progress=progress,
                                  cache_dir=cfg.cache_dir if cfg.cache_features else None)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -144,7 +146,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
         ctx = EvalContext(model=model, patch_size=model.patch_size, embed_dim=model.embed_dim,
                           dataset_name=cfg.data.name, get_dataset=get_dataset, extractor=extractor, device=device,
                           amp_dtype=amp_dtype, out_dir=run_dir / name, seed=cfg.seed, batch_size=cfg.batch_size,
-                          num_workers=cfg.num_workers, progress=progress, num_figures=cfg.num_figures)
+                          num_workers=num_workers, progress=progress, num_figures=cfg.num_figures)
         log.info("evaluating %s with %s on %s", cfg.backbone.name, name, cfg.data.name)
         start = time.perf_counter()
         result: ProtocolResult = importlib.import_module(PROTOCOLS[name]).run(ctx, options)
