@@ -10,10 +10,10 @@ TORCH ?= torch torchvision
 endif
 RUN_STAMP := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help install quickstart starter test test-all lint clean
+.PHONY: help install quickstart eval-quickstart starter test test-all lint clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed ## create .venv with torch and this package (editable, with the dev extra)
 
@@ -30,6 +30,13 @@ $(VENV)/.installed: pyproject.toml
 # (measured several times faster than two threads on a busy 2-core machine). Override with OMP_NUM_THREADS=N.
 quickstart: install ## post-train a small ViT with NeCo on synthetic scenes (CPU, a few minutes) and evaluate it
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m neco.train experiment=quickstart run_name=quickstart-$(RUN_STAMP)
+
+eval-quickstart: install ## evaluate the newest quickstart run: overclustering, Hummingbird, linear (CPU, ~1 min)
+	@ck=$$(ls -t outputs/runs/quickstart*/checkpoints/last.pt 2>/dev/null | head -n 1); \
+	if [ -z "$$ck" ]; then echo "no quickstart run in outputs/runs/: run make quickstart first"; exit 2; fi; \
+	echo "evaluating $$ck"; \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m neco.eval experiment=quickstart data=synthetic \
+		'eval=[overcluster,hummingbird,linear]' checkpoint=$$ck
 
 starter: install ## regenerate the quickstart's starting checkpoint (neco/assets/vit_tiny_synthetic.pt)
 	$(BIN)/python -m neco.starter
