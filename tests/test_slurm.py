@@ -211,3 +211,20 @@ def test_time_limit_signal_stops_at_a_step_boundary(tmp_path, monkeypatch):
         signal.signal(signal.SIGUSR2, previous)
     assert result["step"] == 3 and result["stopped"]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["last.pt", "step_3.pt"]
+
+
+@pytest.mark.slurm
+def test_evaluation_sweep_on_slurm_fills_one_results_table(cluster, tmp_path):
+    """`python -m neco.eval -m` as a SLURM job array: each job writes its results.json and both append their rows
+    to the shared table at about the same time."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "neco.eval", "-m", LOCAL, "experiment=quickstart", "eval.train_images=16",
+         "eval.val_images=8", "eval.image_size=48,64", "num_workers=0", "num_figures=2", "logger.progress=false",
+         f"paths.output_dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = sorted((tmp_path / "eval_multirun" / "quickstart").glob("*/*/results.json"))
+    assert [p.parent.name for p in results] == ["0", "1"]
+    rows = (tmp_path / "results" / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("date,model") and len(rows) == 1 + 2 * 4  # 4 metrics per job
+    assert sum('""image_size"":48' in r for r in rows) == 4 and sum('""image_size"":64' in r for r in rows) == 4
