@@ -16,11 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neco.models.backbone import Backbone, build_backbone
-
 # ImageNet statistics, as every DINO/DINOv2/NeCo model is trained and evaluated with (spec §5).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from neco.models.backbone import Backbone, build_backbone
 
 
 def load_backbone(

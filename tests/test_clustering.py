@@ -1,6 +1,5 @@
 """Standardisation, PCA, k-means and cluster scoring (neco.eval.clustering) against brute force and hand values."""
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch
 from neco.eval.clustering import (
     Standardizer,
     cluster_confusion,
+    faiss_threads,
     kmeans_assign,
     pca_training_rows,
     resize_labels,
@@ -20,10 +20,8 @@ from neco.eval.clustering import (
 
 @pytest.fixture(autouse=True)
 def _one_faiss_thread():
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(previous)
+    with faiss_threads(1):
+        yield
 
 
 def _chunks(x, rows):

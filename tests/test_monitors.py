@@ -13,6 +13,7 @@ from neco.data.synthetic import SyntheticScenes
 from neco.engine.log import read_metrics
 from neco.errors import ConfigError
 from neco.eval import monitors
+from neco.eval.clustering import faiss_threads
 from neco.eval.monitors import AttentionMonitor, KMeansMonitor, attention_jaccards, kmeans_monitor_metrics
 from neco.models.backbone import build_backbone
 from neco.train import train
@@ -22,12 +23,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 @pytest.fixture(autouse=True)
 def _one_faiss_thread():
-    import faiss
-
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(previous)
+    with faiss_threads(1):
+        yield
 
 
 def _one_class_per_image(n=8, classes=4, grid=3, size=12, dim=6, seed=0):

@@ -23,10 +23,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The Hummingbird evaluator's normalisation: its blue std reads 0.255 (spec §10.19). Kept as its default.
 HUMMINGBIRD_STD = (0.229, 0.224, 0.255)
 

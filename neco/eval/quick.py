@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from neco.eval.clustering import faiss_threads, kmeans_plus_plus, resize_labels
 from neco.eval.metrics import (
     confusion_matrix,
@@ -44,8 +45,6 @@ __all__ = [
     "quick_evaluate",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_eval_batch(dataset, indices: Sequence[int], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
