@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,10 +25,9 @@ from urllib.parse import urlparse
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
-from neco.errors import ConfigError, UserError
-from neco.models.weights import WeightsError
+from neco.cli import exit_on_user_error
+from neco.errors import ConfigError
 
 log = logging.getLogger("neco.export")
 
@@ -144,16 +142,10 @@ def export_backbone(checkpoint: str, fmt: str, out_dir: str | Path, backbone: st
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error("", "/path/to/checkpoint"):
         backbone = cfg.backbone.name if cfg.get("backbone") else None
         out = export_backbone(cfg.checkpoint, cfg.format, HydraConfig.get().runtime.output_dir, backbone=backbone,
                               checkpoint_model=cfg.checkpoint_model, strict=cfg.strict, cache_dir=cfg.paths.weights)
-    except MissingMandatoryValue as err:
-        print(f"error: {err.full_key} must be set (e.g. {err.full_key}=/path/to/checkpoint)", file=sys.stderr)
-        sys.exit(2)
-    except (UserError, WeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(f"wrote {out.path}")
     print(f"load it with: {out.recipe}")
 

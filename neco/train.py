@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 import neco.config  # noqa: F401  (registers the config schema and resolvers)
-from neco.data.datasets import DatasetNotFound
-from neco.data.multicrop import CropSamplingError
+from neco.cli import exit_on_user_error
 from neco.engine import dist
 from neco.engine.checkpoint import find_checkpoint
 from neco.engine.log import MetricsLogger, environment_info
@@ -37,11 +34,9 @@ from neco.engine.trainer import Trainer
 from neco.errors import UserError
 from neco.launch import DeferredRequeue
 from neco.loss.neco import NeCoLoss
-from neco.models.weights import WeightsError
 
 log = logging.getLogger("neco")
 
-USER_ERRORS = (UserError, WeightsError, DatasetNotFound, CropSamplingError)
 
 
 def _quick_evaluator(cfg, run_dir: Path, device, amp_dtype):
@@ -181,15 +176,8 @@ class _NoLogger:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    try:
+    with exit_on_user_error():
         result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except MissingMandatoryValue as err:
-        print(f"error: {err.full_key} must be set for this configuration (e.g. {err.full_key}=/path/to/file)",
-              file=sys.stderr)
-        sys.exit(2)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     return result.get("loss", float("nan"))
 
 

@@ -8,34 +8,25 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
 
 import neco.config  # noqa: F401  (registers the training schema and resolvers the presets use)
 import neco.eval.config  # noqa: F401  (registers the evaluation schema)
-from neco.train import USER_ERRORS
+from neco.cli import exit_on_user_error
 
 
 @hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     from neco.eval.runner import evaluate
 
-    try:
+    with exit_on_user_error(" for this evaluation"):
         hydra_cfg = HydraConfig.get()
         records = evaluate(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-    except MissingMandatoryValue as err:
-        print(f"error: {err.full_key} must be set for this evaluation (e.g. {err.full_key}=/path/to/file)",
-              file=sys.stderr)
-        sys.exit(2)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     first = next(iter(records[0]["metrics"].values()), float("nan")) if records else float("nan")
     return float(first)  # the sweeper's objective: the first metric of the first protocol
 
