@@ -21,9 +21,9 @@ from neco.eval.cbfe import (
     cluster_precisions,
     extract_foreground,
     foreground_jaccard,
-    resize_labels,
     select_threshold,
 )
+from neco.eval.label_resize import resize_label_map
 
 
 def test_keep_mass_keeps_the_smallest_top_set_holding_65_percent():
@@ -96,14 +96,14 @@ def test_load_attention_masks_file_and_reference_folder(tmp_path):
         load_attention_masks(folder, "val", "val", 3)
 
 
-def test_resize_labels_is_torch_legacy_nearest():
+def test_unsup_seg_resize_is_torch_legacy_nearest():
     labels = torch.randint(0, 200, (2, 32, 32))
     for size in (100, 24):
         expected = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-        assert torch.equal(resize_labels(labels, size), expected)
+        assert torch.equal(resize_label_map(labels, size), expected)
     gt = torch.randint(0, 21, (2, 448, 448), dtype=torch.uint8)
     expected = F.interpolate(gt[:, None].float(), size=(100, 100), mode="nearest")[:, 0].to(torch.uint8)
-    assert torch.equal(resize_labels(gt, 100), expected)
+    assert torch.equal(resize_label_map(gt, 100), expected)
 
 
 def test_cluster_precisions_average_over_images_where_the_cluster_occurs():

@@ -10,12 +10,11 @@ from neco.eval.clustering import (
     faiss_threads,
     kmeans_assign,
     pca_training_rows,
-    resize_labels,
     resolve_ks,
     score_clusters,
     standardise_and_project,
-    tokens_to_mask,
 )
+from neco.eval.label_resize import LABEL_RESIZE_MODES, resize_label_map, tokens_to_mask
 
 
 @pytest.fixture(autouse=True)
@@ -105,20 +104,22 @@ def test_kmeans_seeds_and_restarts_are_deterministic():
     assert o5b == o5
 
 
+@pytest.mark.parametrize("mode", LABEL_RESIZE_MODES)
 @pytest.mark.parametrize("grid,patch,mask_size", [(4, 8, 10), (32, 14, 100), (28, 16, 100), (12, 8, 48)])
-def test_tokens_to_mask_reproduces_token_constant_masks_exactly(grid, patch, mask_size):
+def test_tokens_to_mask_reproduces_token_constant_masks_exactly(grid, patch, mask_size, mode):
     from neco.eval.features import resize_mask
 
     tokens = torch.arange(grid * grid).view(1, grid, grid)
-    # A mask constant on the patches of the input, resized by PIL as the evaluation masks are, is the same
-    # map, exact ties included (448 -> 100 px puts output pixel 12 exactly on a token border).
+    # A mask constant on the patches of the input, shrunk with the same rule as the evaluation masks, is the
+    # same map, exact ties included (448 -> 100 px puts output pixel 12 exactly on a token border).
     mask = tokens[0].repeat_interleave(patch, 0).repeat_interleave(patch, 1).numpy()
-    want = resize_mask(mask, grid * patch, mask_size)
-    assert np.array_equal(tokens_to_mask(tokens, grid * patch, mask_size)[0].numpy(), want)
+    want = resize_mask(mask, grid * patch, mask_size, label_resize=mode)
+    assert np.array_equal(tokens_to_mask(tokens, grid * patch, mask_size, mode)[0].numpy(), want)
 
 
-def test_resize_labels_is_nearest_at_pixel_centres():
-    assert resize_labels(torch.tensor([[[0, 1], [2, 3]]]), 4)[0].tolist() == [
+@pytest.mark.parametrize("mode", LABEL_RESIZE_MODES)
+def test_integer_upsampling_is_the_same_for_both_rules(mode):
+    assert resize_label_map(torch.tensor([[[0, 1], [2, 3]]]), 4, mode)[0].tolist() == [
         [0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
 
 

@@ -6,8 +6,9 @@ train split: sort clusters by score, try every cut that leaves 55-75 % of them i
 whose foreground best matches the train ground truth (mean per-image Jaccard, boundary counted as
 foreground), and round its score to the nearest multiple of 0.05. Val uses the same threshold on scores
 recomputed from val. Everything happens at the evaluation size (100x100): cluster maps, attention masks and
-ground truth are brought there with torch's legacy ``nearest`` resize, as the reference does; every map is
-sampled at the top-left corner of each output cell, so all three stay aligned.
+ground truth are brought there with torch's legacy ``nearest`` resize, as the reference does
+(neco.eval.label_resize); every map is sampled at the top-left corner of each output cell, so all three stay
+aligned.
 """
 
 from __future__ import annotations
@@ -16,13 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from neco.errors import ConfigError
 
 __all__ = [
-    "nearest_indices",
-    "resize_labels",
     "cluster_counts",
     "cluster_precisions",
     "foreground_jaccard",
@@ -30,21 +28,6 @@ __all__ = [
     "CBFEResult",
     "extract_foreground",
 ]
-
-
-def nearest_indices(src: int, dst: int) -> torch.Tensor:
-    """Source index of every output index of torch's ``F.interpolate(mode="nearest")`` from ``src`` to ``dst``.
-
-    Taken from ``F.interpolate`` itself, so its float32 rounding is reproduced exactly.
-    """
-    ramp = torch.arange(src, dtype=torch.float32).view(1, 1, src)
-    return F.interpolate(ramp, size=dst, mode="nearest").view(dst).round().long()
-
-
-def resize_labels(labels: torch.Tensor, size: int) -> torch.Tensor:
-    """Nearest (legacy torch) resize of ``(N, h, w)`` label maps or masks to ``(N, size, size)``."""
-    _, h, w = labels.shape
-    return labels[:, nearest_indices(h, size)][:, :, nearest_indices(w, size)]
 
 
 def cluster_counts(clusters: torch.Tensor, weights: torch.Tensor | None, k: int) -> torch.Tensor:

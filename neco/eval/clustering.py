@@ -9,15 +9,13 @@ of float32 ``(rows, D)`` arrays, always the same rows in the same order.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterable, Sequence
 
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
+from neco.eval.label_resize import LEGACY_NEAREST, tokens_to_mask
 from neco.eval.metrics import (
     confusion_matrix,
     hungarian_match,
@@ -34,8 +32,6 @@ __all__ = [
     "standardise_and_project",
     "kmeans_assign",
     "kmeans_plus_plus",
-    "resize_labels",
-    "tokens_to_mask",
     "resolve_ks",
     "cluster_confusion",
     "score_clusters",
@@ -252,44 +248,6 @@ def kmeans_assign(
     return assign[:, 0].astype(np.int64), float(dist.sum(dtype=np.float64))
 
 
-def resize_labels(labels: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Nearest resize of integer label maps ``(..., H, W)`` (cluster maps from token to mask resolution).
-
-    ``nearest-exact`` samples at pixel centres like PIL's NEAREST, which resizes the ground-truth masks
-    (neco.eval.features.resize_mask), so token cells and mask pixels line up; plain ``nearest`` would shift
-    labels by up to one source pixel.
-    """
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    lead = labels.shape[:-2]
-    flat = labels.reshape(-1, 1, *labels.shape[-2:]).float()  # labels < 2**24 are exact in float32
-    out = F.interpolate(flat, size=size, mode="nearest-exact")
-    return out.round().long().reshape(*lead, *size)
-
-
-@functools.lru_cache(maxsize=32)
-def _pil_nearest_index(src: int, dst: int) -> np.ndarray:
-    """Which source pixel PIL's NEAREST resize reads for each of ``dst`` output pixels (one axis).
-
-    Read off PIL itself (an index ramp resized like the masks), because PIL accumulates the sampling position
-    in floating point and so rounds exact ties (e.g. 448 -> 100 px, pixel 12) its own way.
-    """
-    ramp = Image.fromarray(np.arange(src, dtype=np.int32)[None, :])  # mode "I"
-    return np.asarray(ramp.resize((dst, 1), Image.Resampling.NEAREST))[0].astype(np.int64)
-
-
-def tokens_to_mask(labels: torch.Tensor, image_size: int, mask_size: int) -> torch.Tensor:
-    """Nearest upsampling of token label maps ``(N, g, g)`` onto the ``mask_size`` ground truth.
-
-    The masks were resized to ``image_size`` and then to ``mask_size`` by PIL (neco.eval.features.resize_mask),
-    so mask pixel ``j`` shows input pixel ``idx[j]``, which lies in token ``idx[j] // patch``: using the
-    same index makes a token-constant ground truth come back exactly.
-    """
-    g = labels.shape[-1]
-    patch = image_size // g
-    idx = torch.from_numpy(np.minimum(_pil_nearest_index(image_size, mask_size) // patch, g - 1))
-    return labels[..., idx, :][..., idx]
-
-
 def resolve_ks(ks: Sequence, num_classes: int) -> list[int]:
     """``ks`` entries are ints or the string ``"classes"`` (the dataset's number of classes)."""
     out = []
@@ -309,11 +267,13 @@ def cluster_confusion(
     ignore_index: int | None,
     image_size: int | None = None,
     chunk: int = 64,
+    label_resize: str = LEGACY_NEAREST,
 ) -> torch.Tensor:
     """``conf[class, cluster]`` over the valid pixels of ``(N, m, m)`` masks.
 
-    ``assign`` holds cluster ids per token ``(N, g, g)`` (upsampled with :func:`tokens_to_mask`, which needs
-    the input ``image_size``) or already per mask pixel ``(N, m, m)``.
+    ``assign`` holds cluster ids per token ``(N, g, g)`` (brought to the masks by
+    :func:`neco.eval.label_resize.tokens_to_mask` with ``label_resize``, which needs the input ``image_size``)
+    or already per mask pixel ``(N, m, m)``.
     """
     conf = torch.zeros(num_classes, k, dtype=torch.long)
     for start in range(0, assign.shape[0], chunk):
@@ -322,7 +282,7 @@ def cluster_confusion(
         if a.shape[-2:] != m.shape[-2:]:
             if image_size is None:
                 raise ValueError("token-resolution clusters need image_size to be aligned with the masks")
-            a = tokens_to_mask(a, image_size, m.shape[-1])
+            a = tokens_to_mask(a, image_size, m.shape[-1], label_resize)
         conf += confusion_matrix(a, m, k, num_classes, ignore_index)
     return conf
 

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from neco.errors import ConfigError
 from neco.eval.features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
+from neco.eval.label_resize import CENTRE, LEGACY_NEAREST
 
 
 @dataclass
@@ -64,10 +65,16 @@ class EvalContext:
         mask_size: int | None = None,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        label_resize: str = LEGACY_NEAREST,
+        input_resize: str = CENTRE,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached ``(float16 (N, h, w, D), uint8 (N, m, m))`` features and masks of a whole split."""
+        """Cached ``(float16 (N, h, w, D), uint8 (N, m, m))`` features and masks of a whole split.
+
+        Masks: ``input_resize`` to ``image_size``, then ``label_resize`` to ``mask_size``
+        (neco.eval.features.resize_mask)."""
         return self.extractor.extract(
-            self.dataset(split), image_size, mask_size, mean=mean, std=std, desc=f"features {split} {image_size}px"
+            self.dataset(split), image_size, mask_size, mean=mean, std=std, desc=f"features {split} {image_size}px",
+            label_resize=label_resize, input_resize=input_resize,
         )
 
 

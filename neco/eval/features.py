@@ -2,9 +2,10 @@
 
 Every protocol reads the same thing: the backbone's final-norm patch tokens (CLS and registers dropped, no
 projection head) of square-resized, ImageNet-normalised images, and the ground truth resized with nearest
-neighbour to the input size and then, when asked, to a smaller evaluation size (100x100 in most protocols).
-A sweep over protocols therefore extracts each split once: the cache key is (weights, dataset, split, images,
-input size, mask size, normalisation).
+neighbour to the input size and then, when asked, to a smaller evaluation size (100x100 in most protocols),
+each step with a named nearest rule (neco.eval.label_resize). A sweep over protocols therefore extracts each
+split once: the cache key is (weights, dataset, split, images, input size, mask size, resize rules,
+normalisation).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from neco.eval.label_resize import CENTRE, LEGACY_NEAREST, resize_label_map
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,18 @@ def resize_image(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
 
 
-def resize_mask(mask, size: int, mask_size: int | None = None) -> np.ndarray:
-    """Nearest resize of a label map to ``size``, then (if given) nearest again to ``mask_size``: spec §5."""
-    m = Image.fromarray(np.asarray(mask, dtype=np.int32))  # mode "I": every label value survives
-    m = m.resize((size, size), Image.Resampling.NEAREST)
+def resize_mask(mask, size: int, mask_size: int | None = None, label_resize: str = LEGACY_NEAREST,
+                input_resize: str = CENTRE) -> np.ndarray:
+    """Nearest resize of a label map to ``size``, then (if given) nearest again to ``mask_size``: spec §5.
+
+    ``input_resize``: how the loader brings the mask to the input size (NeCo's loaders resize the PIL mask:
+    ``centre``; the Hummingbird evaluator resizes a tensor: ``legacy_nearest``). ``label_resize``: how the
+    evaluation shrinks it to ``mask_size`` (the reference: torch's ``legacy_nearest``).
+    """
+    m = resize_label_map(np.asarray(mask, dtype=np.int32), size, input_resize)
     if mask_size is not None and mask_size != size:
-        m = m.resize((mask_size, mask_size), Image.Resampling.NEAREST)
-    return np.asarray(m)
+        m = resize_label_map(m, mask_size, label_resize)
+    return np.ascontiguousarray(m)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -56,8 +63,10 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
 class _ResizedPairs(Dataset):
     """``(uint8 image (3, S, S), uint8 mask (m, m))`` for every index of a segmentation dataset."""
 
-    def __init__(self, dataset, indices: Sequence[int], size: int, mask_size: int | None):
+    def __init__(self, dataset, indices: Sequence[int], size: int, mask_size: int | None,
+                 label_resize: str = LEGACY_NEAREST, input_resize: str = CENTRE):
         self.dataset, self.indices, self.size, self.mask_size = dataset, list(indices), size, mask_size
+        self.label_resize, self.input_resize = label_resize, input_resize
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -65,7 +74,7 @@ class _ResizedPairs(Dataset):
     def __getitem__(self, i: int):
         img, mask = self.dataset[self.indices[i]]
         x = torch.from_numpy(resize_image(img, self.size).copy()).permute(2, 0, 1)
-        m = resize_mask(mask, self.size, self.mask_size)
+        m = resize_mask(mask, self.size, self.mask_size, self.label_resize, self.input_resize)
         if m.min() < 0 or m.max() > 255:
             raise ValueError(f"mask of item {self.indices[i]} has labels outside 0..255")
         return x, torch.from_numpy(m.astype(np.uint8))
@@ -110,11 +119,11 @@ class FeatureExtractor:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.model_key, self.progress = model_key, progress
 
-    def _cache_path(self, dataset, indices, size, mask_size, mean, std) -> Path | None:
+    def _cache_path(self, dataset, indices, size, mask_size, mean, std, resize) -> Path | None:
         if self.cache_dir is None:
             return None
         key = json.dumps([self.model_key, dataset_fingerprint(dataset, indices), size, mask_size,
-                          list(mean), list(std), str(self.amp_dtype)])
+                          list(mean), list(std), str(self.amp_dtype), list(resize)])
         name = f"{getattr(dataset, 'name', 'data')}_{getattr(dataset, 'split', '')}_{size}_{mask_size}"
         return self.cache_dir / f"{name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
 
@@ -127,11 +136,15 @@ class FeatureExtractor:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         desc: str = "features",
+        label_resize: str = LEGACY_NEAREST,
+        input_resize: str = CENTRE,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and masks; the masks' nearest rules as :func:`resize_mask` (part of the cache key)."""
         indices = list(range(len(dataset))) if indices is None else list(indices)
         if not indices:
             raise ValueError(f"no images to extract features from ({desc})")
-        path = self._cache_path(dataset, indices, image_size, mask_size, mean, std)
+        resize = (label_resize, input_resize)
+        path = self._cache_path(dataset, indices, image_size, mask_size, mean, std, resize)
         if path is not None and path.is_file():
             try:
                 cached = torch.load(path, map_location="cpu", weights_only=True)
@@ -139,7 +152,7 @@ class FeatureExtractor:
                 return cached["features"], cached["masks"]
             except Exception as err:  # a truncated cache file is recomputed, never trusted
                 log.warning("features: ignoring unreadable cache file %s (%s)", path, err)
-        feats, masks = self._run(dataset, indices, image_size, mask_size, mean, std, desc)
+        feats, masks = self._run(dataset, indices, image_size, mask_size, mean, std, desc, resize)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -147,9 +160,9 @@ class FeatureExtractor:
             os.replace(tmp, path)  # atomic: concurrent jobs never read a half-written file
         return feats, masks
 
-    def _run(self, dataset, indices, size, mask_size, mean, std, desc):
+    def _run(self, dataset, indices, size, mask_size, mean, std, desc, resize):
         loader = DataLoader(
-            _ResizedPairs(dataset, indices, size, mask_size),
+            _ResizedPairs(dataset, indices, size, mask_size, *resize),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",

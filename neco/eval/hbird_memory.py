@@ -5,6 +5,13 @@ patch features, count the classes of the ``p x p`` pixels under every patch, kee
 or ``k`` of them chosen by the rarity score (bounded memory), and write them into storage allocated once for the
 whole memory (nothing is concatenated, so the memory is never held twice).
 
+Feature normalisation (``memory_norm``): ``per_patch`` divides every patch feature by its own norm (the
+evaluator since November 2024). ``per_image_axis_v1`` is what open-hummingbird-eval releases up to 1.1.0 did:
+``features / torch.norm(features, dim=1)`` on ``(B, N, d)`` features, i.e. every feature dimension divided by
+its norm over the image's kept patches (all ``S*S``, or the ``k`` sampled ones of a bounded memory, which
+those releases normalised after the sampling). Such rows are not unit vectors; their norms are returned so
+that the vote can use cosine similarities as those releases did (they re-normalised the retrieved keys).
+
 Labels are stored as integer pixel counts per class, ``(rows, C)``: ``uint8`` when ``p * p <= 255`` (patch 14:
 196 pixels), ``int16`` otherwise (patch 16: 256). The histogram the reference stores, "mean of the one-hot pixels",
 is ``counts / counts.sum()`` and is formed exactly at vote time; counts take half (or a quarter) of the memory of
@@ -25,6 +32,18 @@ from neco.errors import ConfigError
 from neco.eval.hbird_augment import AugmentedPairs, item_generator
 
 EMPTY_PATCH_SCORE = 1e6  # the reference's score for a patch without any counted class: kept last
+PER_PATCH = "per_patch"
+PER_IMAGE_AXIS_V1 = "per_image_axis_v1"
+MEMORY_NORMS = (PER_PATCH, PER_IMAGE_AXIS_V1)
+
+
+def normalise_memory_features(feats: torch.Tensor, memory_norm: str) -> torch.Tensor:
+    """``(B, P, d)`` features of the patches kept per image, normalised as ``memory_norm`` (module docstring)."""
+    if memory_norm == PER_PATCH:
+        return F.normalize(feats, dim=-1)
+    if memory_norm == PER_IMAGE_AXIS_V1:
+        return F.normalize(feats, dim=1)
+    raise ValueError(f"memory_norm must be one of {MEMORY_NORMS}, got {memory_norm!r}")
 
 
 def label_dtype(patch_size: int) -> torch.dtype:
@@ -150,8 +169,13 @@ def build_memory(
     jitter: float = 0.1,
     jitter_p: float = 0.5,
     progress: bool = False,
+    memory_norm: str = PER_PATCH,
+    row_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fill ``index`` (``.add(features)``) with the memory's features; return its label counts ``(rows, C)``."""
+    """Fill ``index`` (``.add(features)``) with the memory's features; return its label counts ``(rows, C)``.
+
+    ``row_norms`` (``(rows,)`` float32), when given, receives the norm of every stored feature row.
+    """
     labels = torch.empty((plan.rows, num_classes), dtype=label_dtype(patch_size), device=device)
     k, cells = plan.per_image, plan.grid * plan.grid
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -174,7 +198,7 @@ def build_memory(
                 if out.ndim != 4 or out.shape[1:3] != (plan.grid, plan.grid):
                     raise ValueError(f"model returned {tuple(out.shape)}; expected (B, {plan.grid}, {plan.grid}, D)")
                 b = out.shape[0]
-                feats = F.normalize(out.float().reshape(b, cells, -1), dim=-1)
+                feats = out.float().reshape(b, cells, -1)
                 counts = patch_label_counts(m.to(device), patch_size, num_classes, ignore_index,
                                             ignore_to_background)
                 if k < cells:
@@ -184,7 +208,10 @@ def build_memory(
                     keep = rarity_select(counts, k, noise)
                     feats = feats.gather(1, keep[..., None].expand(-1, -1, feats.shape[-1]))
                     counts = counts.gather(1, keep[..., None].expand(-1, -1, num_classes))
-                index.add(feats.reshape(b * k, -1))
+                feats = normalise_memory_features(feats, memory_norm).reshape(b * k, -1)
+                index.add(feats)
+                if row_norms is not None:
+                    row_norms[pos : pos + b * k] = feats.norm(dim=-1).to(row_norms)
                 labels[pos : pos + b * k] = counts.reshape(b * k, num_classes).to(labels.dtype)
                 pos += b * k
                 start += b

@@ -7,6 +7,13 @@ similarities / 0.02 and averages their label histograms; the ``(S, S, C)`` score
 input size and the argmax is scored against the ground truth at that size, over the whole validation split,
 after Hungarian matching (the reference's). Low-shot fractions rebuild the memory from fixed subsets, one per
 seed (``lowshot``).
+
+Queries are normalised per patch: the evaluator searches with the raw query (the ranking of one query does not
+depend on its norm) and normalises query and retrieved keys per patch before the softmax, in every release.
+With ``memory_norm=per_image_axis_v1`` (the releases up to 1.1.0, see ``hbird_memory``) the neighbours are
+ranked by the inner product with the stored rows and weighted by the cosine with them, as those releases did.
+The validation masks are resized to the input size with ``label_resize`` (the evaluator: torch's nearest on
+the mask tensor).
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ from tqdm.auto import tqdm
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
 from neco.eval.features import HUMMINGBIRD_STD, IMAGENET_MEAN, IMAGENET_STD, resize_image
-from neco.eval.hbird_memory import MemoryPlan, build_memory
+from neco.eval.hbird_memory import MEMORY_NORMS, PER_PATCH, MemoryPlan, build_memory
 from neco.eval.hbird_search import make_index, resolve_search, search_blocks
+from neco.eval.label_resize import LEGACY_NEAREST, check_label_resize
 from neco.eval.lowshot import resolve_subset, select
 from neco.eval.metrics import confusion_matrix, hungarian_match, iou_from_confusion, remap_confusion
 
@@ -68,6 +76,13 @@ class HummingbirdOptions:
     # The reference allocates memory_size rows and fills images x epochs x quota of them; the rest stay zero
     # vectors with empty histograms, retrievable at similarity 0. false: only filled rows exist.
     pad_memory_rows: bool = True
+    # Validation masks to the input size: legacy_nearest (torch's nearest on the mask tensor, the evaluator's)
+    # | centre (PIL's nearest at cell centres). See neco/eval/label_resize.py.
+    label_resize: str = LEGACY_NEAREST
+    # Memory features: per_patch (each patch feature / its norm; the evaluator since November 2024) |
+    # per_image_axis_v1 (each feature dimension / its norm over the image's patches: releases up to 1.1.0,
+    # 2.5-3.1 mIoU points apart). Which release the published tables used is not known (docs/REPRODUCE.md).
+    memory_norm: str = PER_PATCH
 
 
 def default_input_size(patch_size: int) -> int:
@@ -75,12 +90,13 @@ def default_input_size(patch_size: int) -> int:
 
 
 def label_transfer(sims: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor, temperature: float,
-                   pad_rows: int = 0) -> torch.Tensor:
+                   pad_rows: int = 0, row_norms: torch.Tensor | None = None) -> torch.Tensor:
     """Class scores ``(Q, C)``: softmax(sims / T)-weighted mean of the neighbours' label histograms.
 
     ``labels`` are per-row class counts; index ``-1`` is a zero row. ``pad_rows`` zero rows (similarity 0,
     empty histogram) compete with the retrieved neighbours for the ``k`` places, as in the reference's
-    partly filled memory.
+    partly filled memory. ``row_norms``: norms of the memory rows when they are not unit vectors; the
+    neighbours are then ranked by inner product but weighted by cosine (the evaluator re-normalises keys).
     """
     k = sims.shape[1]
     if pad_rows > 0:
@@ -89,6 +105,9 @@ def label_transfer(sims: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor, 
         idx = torch.cat([idx, idx.new_full((idx.shape[0], n), -1)], dim=1)
         sims, pos = sims.topk(k, dim=1)
         idx = idx.gather(1, pos)
+    if row_norms is not None:
+        norms = row_norms[idx.clamp_min(0)].float().clamp_min(1e-12)
+        sims = torch.where(idx >= 0, sims.float() / norms, torch.zeros_like(norms))
     counts = labels[idx.clamp_min(0)].float() * (idx >= 0).unsqueeze(-1)
     hist = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
     weights = torch.softmax(sims.float() / temperature, dim=1)
@@ -102,7 +121,7 @@ def upsample_argmax(scores: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def evaluate_memory(index, labels, val_feats, val_masks, *, num_classes, ignore_index, k, temperature,
-                    pad_rows, device, query_block, keep_predictions=0, progress=False):
+                    pad_rows, device, query_block, keep_predictions=0, progress=False, row_norms=None):
     """Confusion matrix ``conf[gt, pred]`` over the whole validation split and the first predictions."""
     n, h, w, _ = val_feats.shape
     size = val_masks.shape[-1]
@@ -113,7 +132,7 @@ def evaluate_memory(index, labels, val_feats, val_masks, *, num_classes, ignore_
     for s in tqdm(range(0, n, step), desc="hummingbird retrieval", disable=not progress, leave=False):
         q = F.normalize(val_feats[s : s + step].to(device).float().reshape(-1, val_feats.shape[-1]), dim=-1)
         sims, idx = search_blocks(index, q, k, query_block)
-        scores = label_transfer(sims, idx, labels, temperature, pad_rows).view(-1, h, w, num_classes)
+        scores = label_transfer(sims, idx, labels, temperature, pad_rows, row_norms).view(-1, h, w, num_classes)
         pred = upsample_argmax(scores, size)
         conf += confusion_matrix(pred, val_masks[s : s + step].to(device), num_classes, num_classes, ignore_index)
         if s < keep_predictions:
@@ -130,6 +149,10 @@ def score(conf: torch.Tensor, hungarian: bool) -> dict:
 
 
 def _check(opts: HummingbirdOptions) -> None:
+    check_label_resize(opts.label_resize, "eval.hummingbird.label_resize")
+    if opts.memory_norm not in MEMORY_NORMS:
+        raise ConfigError(f"eval.hummingbird.memory_norm={opts.memory_norm!r}: choose per_patch (current "
+                          "evaluator) or per_image_axis_v1 (open-hummingbird-eval up to 1.1.0)")
     if opts.augmentation_epochs < 1:
         raise ConfigError("eval.hummingbird.augmentation_epochs must be >= 1")
     if not 0.0 < opts.train_fraction <= 1.0:
@@ -154,7 +177,8 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
     search = resolve_search(opts.search, ctx.device)
     train, val = ctx.dataset(opts.train_split), ctx.dataset(opts.val_split)
     num_classes, ignore = val.num_classes, val.ignore_index
-    val_feats, val_masks = ctx.features(opts.val_split, size, None, mean=IMAGENET_MEAN, std=std)
+    val_feats, val_masks = ctx.features(opts.val_split, size, None, mean=IMAGENET_MEAN, std=std,
+                                        input_resize=opts.label_resize)
     if val_feats.shape[1:3] != (grid, grid):
         raise ValueError(f"features of {size}px images have grid {tuple(val_feats.shape[1:3])}, expected {grid}")
     dim = val_feats.shape[-1]
@@ -180,6 +204,8 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
                  "%d px, %s search", len(dataset), plan.epochs, plan.per_image, grid * grid, plan.rows, pad, size,
                  search)
         index = make_index(search, plan.rows, dim, ctx.device, opts.memory_dtype)
+        # Rows that are not unit vectors need their norms for the cosine weights of the vote.
+        row_norms = torch.empty(plan.rows, device=ctx.device) if opts.memory_norm != PER_PATCH else None
         labels = build_memory(
             ctx.model, dataset, index, plan, image_size=size, patch_size=p, num_classes=num_classes,
             ignore_index=ignore, mean=IMAGENET_MEAN, std=std,
@@ -187,15 +213,15 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
             device=ctx.device, amp_dtype=ctx.amp_dtype, batch_size=opts.batch_size or ctx.batch_size,
             num_workers=ctx.num_workers, ignore_to_background=opts.ignore_to_background,
             crop_scale=opts.crop_scale, crop_ratio=opts.crop_ratio, jitter=opts.jitter, jitter_p=opts.jitter_p,
-            progress=ctx.progress,
+            progress=ctx.progress, memory_norm=opts.memory_norm, row_norms=row_norms,
         )
         conf, preds = evaluate_memory(
             index, labels, val_feats, val_masks, num_classes=num_classes, ignore_index=ignore,
             k=opts.num_neighbours, temperature=opts.temperature, pad_rows=pad, device=ctx.device,
             query_block=opts.query_block, keep_predictions=n_fig if first_preds is None else 0,
-            progress=ctx.progress,
+            progress=ctx.progress, row_norms=row_norms,
         )
-        del index, labels  # free the memory before the next seed builds its own
+        del index, labels, row_norms  # free the memory before the next seed builds its own
         res = score(conf, opts.hungarian)
         if first_preds is None and preds is not None:
             first_preds = torch.as_tensor(res["mapping"])[preds]
@@ -212,18 +238,18 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
     per_class = np.mean([r["per_class_iou"] for r in per_seed.values()], axis=0).tolist()
     extra = {"image_size": size, "grid": grid, "search": search, "num_classes": num_classes,
              "num_val_images": len(val), "per_class_iou": per_class, "runs": per_seed}
-    figures = _figures(ctx, val, first_preds, size, num_classes, ignore) if n_fig else []
+    figures = _figures(ctx, val, first_preds, size, num_classes, ignore, opts.label_resize) if n_fig else []
     return ProtocolResult(metrics=metrics, options=options_dict(opts), figures=figures, extra=extra)
 
 
-def _figures(ctx, val, preds, size, num_classes, ignore) -> list[str]:
+def _figures(ctx, val, preds, size, num_classes, ignore, label_resize) -> list[str]:
     from neco.eval.features import resize_mask
     from neco.viz import save_segmentation_figure
 
     n = preds.shape[0]
     items = [val[i] for i in range(n)]
     images = [resize_image(img, size) for img, _ in items]
-    masks = [torch.from_numpy(resize_mask(m, size).astype(np.int64)) for _, m in items]
+    masks = [torch.from_numpy(resize_mask(m, size, input_resize=label_resize).astype(np.int64)) for _, m in items]
     path = ctx.out_dir / "figures" / "hummingbird.png"
     save_segmentation_figure(images, masks, {"retrieval": preds}, path, num_classes, ignore)
     return [str(path)]

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
 from neco.eval.features import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
+from neco.eval.label_resize import LEGACY_NEAREST, check_label_resize
 from neco.eval.linear_data import AugmentedPairs, evaluated_count, train_subset
 from neco.eval.linear_head import (
     TopK,
@@ -79,6 +80,10 @@ class LinearOptions:
     # input size it was trained with (stored in the file; image_size is then not used).
     head: Optional[str] = None
     eval_mask_size: Optional[int] = 448  # eval_linear.py's mask_eval_size; null: full input size
+    # How the 448 px ground truth (train and val) is shrunk to mask_size / eval_mask_size: legacy_nearest
+    # (torch's nearest, top-left source pixel of each cell: the reference) | centre (PIL's nearest at cell
+    # centres). See neco/eval/label_resize.py.
+    label_resize: str = LEGACY_NEAREST
 
 
 # The reference's loaders by dataset (spec §10.13, §10.14).
@@ -103,6 +108,7 @@ def _check(opts: LinearOptions) -> None:
     for key in ("mask_size", "eval_mask_size"):
         if getattr(opts, key) is not None and getattr(opts, key) < 1:
             bad(key, f"must be >= 1 or null (full input size), got {getattr(opts, key)}")
+    check_label_resize(opts.label_resize, "eval.linear.label_resize")
     if opts.miou_classes not in ("all", "exclude_ignore"):
         bad("miou_classes", f"choose all or exclude_ignore, got {opts.miou_classes!r}")
     if not 0.0 < opts.train_fraction <= 1.0:
@@ -122,7 +128,7 @@ def _autocast(ctx: EvalContext):
 def _augmented_batches(ctx, opts, train_set, indices, epoch: int, shuffle: bool, generator: torch.Generator):
     """Freshly augmented images through the frozen backbone: ``(tokens (B, h, w, D) float32, masks)``."""
     pairs = AugmentedPairs(train_set, indices, opts.image_size, opts.mask_size, opts.crop_scale, opts.crop_ratio,
-                           opts.hflip, seed=ctx.seed)
+                           opts.hflip, seed=ctx.seed, label_resize=opts.label_resize)
     pairs.set_epoch(epoch)
     sampler = RandomSampler(pairs, generator=generator) if shuffle else SequentialSampler(pairs)
     loader = DataLoader(pairs, batch_size=opts.batch_size, sampler=sampler, drop_last=opts.drop_last,
@@ -175,12 +181,14 @@ def evaluate_head(
     val_batch_size: int = 128,
     miou_classes: Optional[str] = None,
     keep_predictions: int = 0,
+    label_resize: str = LEGACY_NEAREST,
 ) -> dict:
     """Score a saved head on ``split`` at ``mask_size`` (``None``: the input size), as ``eval_linear.py``.
 
     The features come at the head's own input size (stored with it); logits are upsampled to ``mask_size``
-    and the masks nearest-resized to it. ``miou_classes`` (``all`` | ``exclude_ignore``) defaults to the
-    setting the head was trained with. Returns ``miou`` and ``pixel_acc`` (percent), ``per_class_iou``, ``num_images``.
+    and the masks nearest-resized to it (``label_resize``). ``miou_classes`` (``all`` | ``exclude_ignore``)
+    defaults to the setting the head was trained with. Returns ``miou`` and ``pixel_acc`` (percent),
+    ``per_class_iou``, ``num_images``.
     """
     head, meta = load_head(head_path)
     head = head.to(ctx.device)
@@ -191,7 +199,7 @@ def evaluate_head(
     if dataset.num_classes != head.out_channels:
         raise ConfigError(f"eval.linear.head: the head predicts {head.out_channels} classes, "
                           f"{ctx.dataset_name} has {dataset.num_classes}")
-    feats, masks = ctx.features(split, image_size, mask_size)
+    feats, masks = ctx.features(split, image_size, mask_size, label_resize=label_resize)
     n = evaluated_count(len(feats), val_batch_size, drop_last_val)
     conf, preds = confusion_on_features(head, feats[:n], masks[:n], dataset.num_classes, dataset.ignore_index,
                                         ctx.device, keep_predictions=keep_predictions)
@@ -204,7 +212,8 @@ def evaluate_head(
 def _run_head_only(ctx: EvalContext, opts: LinearOptions) -> ProtocolResult:
     val_set = ctx.dataset(opts.val_split)
     res = evaluate_head(ctx, opts.head, opts.eval_mask_size, split=opts.val_split,
-                        miou_classes=opts.miou_classes, keep_predictions=ctx.num_figures)
+                        miou_classes=opts.miou_classes, keep_predictions=ctx.num_figures,
+                        label_resize=opts.label_resize)
     figures = _figure(ctx, val_set, res["image_size"], res["masks"], res["predictions"], val_set.num_classes,
                       val_set.ignore_index, "linear_head_eval.png")
     extra = {k: res[k] for k in ("per_class_iou", "num_images", "image_size", "mask_size", "epoch", "stored_miou")}
@@ -223,7 +232,8 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
     num_classes, ignore_index = val_set.num_classes, val_set.ignore_index
     if train_set.num_classes != num_classes:
         raise ConfigError(f"eval.linear: train split has {train_set.num_classes} classes, val {num_classes}")
-    val_feats, val_masks = ctx.features(opts.val_split, opts.image_size, opts.mask_size)
+    val_feats, val_masks = ctx.features(opts.val_split, opts.image_size, opts.mask_size,
+                                        label_resize=opts.label_resize)
     shuffle, drop_last_val = reference_loader_settings(opts, ctx.dataset_name)
     n_val = evaluated_count(len(val_feats), opts.val_batch_size, drop_last_val)
     if n_val == 0:
@@ -239,7 +249,8 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
                           f"{opts.batch_size} with drop_last")
     if not opts.augment:
         train_feats, train_masks = ctx.extractor.extract(train_set, opts.image_size, opts.mask_size,
-                                                         indices=indices, desc="features train (linear)")
+                                                         indices=indices, desc="features train (linear)",
+                                                         label_resize=opts.label_resize)
 
     head = make_head(val_feats.shape[-1], num_classes, ctx.seed).to(ctx.device)
     optim = torch.optim.SGD(head.parameters(), lr=opts.lr, momentum=opts.momentum,

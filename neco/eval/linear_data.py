@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from neco.eval.features import resize_mask
+from neco.eval.label_resize import LEGACY_NEAREST, resize_label_map
 
 __all__ = [
     "random_resized_crop_params",
@@ -59,6 +59,10 @@ def random_resized_crop_params(
 class AugmentedPairs(Dataset):
     """``(uint8 image (3, S, S), uint8 mask (m, m))``: crop, resize, flip; masks then nearest to ``mask_size``.
 
+    As the reference: the crop is resized (PIL, nearest for the mask) and flipped at the input size, and the
+    mask is shrunk to ``mask_size`` afterwards with ``label_resize`` (the training step's ``F.interpolate``).
+    The order matters: torch's nearest is not mirror-symmetric.
+
     Images stay uint8 until the batch is on the device (normalised there), which keeps the loader workers'
     output four times smaller than float32. Call :meth:`set_epoch` before each epoch for fresh crops.
     """
@@ -73,7 +77,9 @@ class AugmentedPairs(Dataset):
         ratio: Sequence[float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
         seed: int = 0,
+        label_resize: str = LEGACY_NEAREST,
     ):
+        self.label_resize = label_resize
         self.dataset, self.indices = dataset, list(indices)
         self.image_size, self.mask_size = image_size, mask_size
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), float(hflip)
@@ -97,13 +103,14 @@ class AugmentedPairs(Dataset):
         box = (left, top, left + w, top + h)
         size = (self.image_size, self.image_size)
         img = img.crop(box).resize(size, Image.Resampling.BILINEAR)
-        # Mode "I" keeps every label value through the nearest resize; the second nearest step to the
-        # evaluation mask size is the one the validation masks get (neco.eval.features.resize_mask).
-        crop = np.asarray(Image.fromarray(mask).crop(box))
-        m = resize_mask(crop, self.image_size, self.mask_size)
+        # Mode "I" keeps every label value through the nearest resize.
+        m = np.asarray(Image.fromarray(mask).crop(box).resize(size, Image.Resampling.NEAREST))
         x = np.asarray(img)
         if rng.random() < self.hflip:
             x, m = x[:, ::-1], m[:, ::-1]
+        if self.mask_size is not None and self.mask_size != self.image_size:
+            # The second nearest step, the one the validation masks get (neco.eval.features.resize_mask).
+            m = resize_label_map(m, self.mask_size, self.label_resize)
         if m.min() < 0 or m.max() > 255:
             raise ValueError(f"mask of item {index} has labels outside 0..255")
         # Copies: PIL's arrays are read-only and the flipped ones are views with negative strides.

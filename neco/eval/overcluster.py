@@ -28,9 +28,9 @@ from neco.eval.clustering import (
     resolve_ks,
     score_clusters,
     standardise_and_project,
-    tokens_to_mask,
 )
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
+from neco.eval.label_resize import LEGACY_NEAREST, check_label_resize, tokens_to_mask
 
 # Datasets whose reference loader drops the last incomplete batch (spec §10.13): the VOC data module is built
 # with drop_last=True in eval_overcluster.py; the COCO and ADE20K validation loaders keep every image.
@@ -65,6 +65,10 @@ class OverclusterOptions:
     # IoU 0 (151 classes, the reference); "exclude_ignore" leaves out the class whose id is the ignore index.
     miou_classes: str = "all"
     faiss_threads: Optional[int] = None  # null: faiss's default (all cores)
+    # How the 448 px ground truth is shrunk to mask_size and the token cluster maps are enlarged to it:
+    # legacy_nearest (torch's nearest, top-left source pixel of each cell: the reference) | centre (PIL's
+    # nearest at cell centres). See neco/eval/label_resize.py.
+    label_resize: str = LEGACY_NEAREST
 
 
 def evaluated_images(num_images: int, batch_size: int, drop_last_batch: bool) -> int:
@@ -75,6 +79,7 @@ def evaluated_images(num_images: int, batch_size: int, drop_last_batch: bool) ->
 
 
 def _check(opts: OverclusterOptions) -> None:
+    check_label_resize(opts.label_resize, "eval.overcluster.label_resize")
     if opts.miou_classes not in ("all", "exclude_ignore"):
         raise ConfigError(f"eval.overcluster.miou_classes={opts.miou_classes!r}: choose all or exclude_ignore")
     if not opts.seeds:
@@ -119,7 +124,8 @@ def cluster_split(
             assign, _ = kmeans_assign(x, k, niter=opts.kmeans_iters, nredo=opts.kmeans_restarts, seed=int(seed),
                                       spherical=opts.spherical, max_points_per_centroid=opts.max_points_per_centroid)
             assign = torch.from_numpy(assign).view(n, h, w)
-            conf = cluster_confusion(assign, masks, k, num_classes, ignore_index, image_size=opts.image_size)
+            conf = cluster_confusion(assign, masks, k, num_classes, ignore_index, image_size=opts.image_size,
+                                     label_resize=opts.label_resize)
             criteria = ["hungarian"] if k == num_classes else ["precision", "iou"]
             entry = out.setdefault(k, {"criteria": {c: [] for c in criteria}, "clusters": assign})
             for c in criteria:
@@ -164,7 +170,8 @@ def _figures(ctx: EvalContext, dataset, results: dict, feats, masks, opts, num_c
     for k, entry in results.items():
         criterion = next(iter(entry["criteria"]))  # hungarian, or the precision-based many-to-one
         mapping = entry["criteria"][criterion][0]["mapping"]
-        preds[f"K={k} ({criterion})"] = mapping[tokens_to_mask(entry["clusters"][:n], opts.image_size, opts.mask_size)]
+        clusters = tokens_to_mask(entry["clusters"][:n], opts.image_size, opts.mask_size, opts.label_resize)
+        preds[f"K={k} ({criterion})"] = mapping[clusters]
     seg = save_segmentation_figure(images, masks[:n].long(), preds, ctx.out_dir / "overcluster_segmentation.png",
                                    num_classes=num_classes, ignore_index=ignore_index)
     pca = save_feature_pca_figure(images, feats[:n].float(), ctx.out_dir / "overcluster_feature_pca.png")
@@ -181,7 +188,7 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
     except ValueError as err:
         raise ConfigError(f"eval.overcluster.ks: {err}") from err
     drop_last = opts.drop_last_batch if opts.drop_last_batch is not None else ctx.dataset_name in _DROPS_LAST_BATCH
-    feats, masks = ctx.features(opts.split, opts.image_size, opts.mask_size)
+    feats, masks = ctx.features(opts.split, opts.image_size, opts.mask_size, label_resize=opts.label_resize)
     n = evaluated_images(feats.shape[0], opts.batch_size, drop_last)
     if n == 0:
         raise ConfigError(f"eval.overcluster: {feats.shape[0]} images and drop_last_batch with batch_size "

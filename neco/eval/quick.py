@@ -22,7 +22,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from neco.eval.clustering import faiss_threads, kmeans_plus_plus, resize_labels
+from neco.eval.clustering import faiss_threads, kmeans_plus_plus
+from neco.eval.label_resize import CENTRE, resize_label_map
 from neco.eval.metrics import (
     confusion_matrix,
     hungarian_match,
@@ -183,7 +184,8 @@ def kmeans_miou(
     for seed in seeds:
         with faiss_threads(threads):
             assign = _kmeans_assign(x, k, int(seed), niter, nredo, init)
-        clusters = resize_labels(torch.from_numpy(assign.reshape(n, h, w).astype(np.int64)), size)
+        # Centre sampling, as the PIL-resized masks it is compared with (load_eval_batch).
+        clusters = resize_label_map(torch.from_numpy(assign.reshape(n, h, w).astype(np.int64)), size, CENTRE)
         conf = confusion_matrix(clusters, val_masks, k, num_classes, ignore_index)
         mapping = hungarian_match(conf) if k == num_classes else many_to_one_match(conf, "precision")
         iou, miou, acc = iou_from_confusion(remap_confusion(conf, mapping, num_classes))

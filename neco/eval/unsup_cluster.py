@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from neco.errors import ConfigError
-from neco.eval.cbfe import nearest_indices
 from neco.eval.clustering import faiss_threads
+from neco.eval.label_resize import nearest_source_indices
 
 __all__ = ["faiss_threads", "standardise_pca", "faiss_kmeans", "assign", "ForegroundClustering"]
 
@@ -92,7 +92,7 @@ class ForegroundClustering:
     def __init__(self, tokens: torch.Tensor, fg: torch.Tensor, niter: int, nredo: int):
         n, h, w, d = tokens.shape
         size = fg.shape[-1]
-        ry, rx = nearest_indices(h, size), nearest_indices(w, size)
+        ry, rx = nearest_source_indices(h, size), nearest_source_indices(w, size)
         img, y, x = fg.nonzero(as_tuple=True)  # image-major, row-major: the reference's pixel order
         self.pixel_token = (img * h + ry[y]) * w + rx[x]
         self.tokens = tokens.reshape(-1, d).numpy()

@@ -24,7 +24,7 @@ import torch
 
 from neco.errors import ConfigError
 from neco.eval.attention_fg import attention_foreground, attention_maps, load_attention_masks
-from neco.eval.cbfe import extract_foreground, resize_labels
+from neco.eval.cbfe import extract_foreground
 from neco.eval.community import (
     FIXED_ANGLES,
     REFERENCE_ANGLES,
@@ -38,6 +38,7 @@ from neco.eval.community import (
 )
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
 from neco.eval.features import resize_image
+from neco.eval.label_resize import resize_label_map
 from neco.eval.metrics import confusion_matrix, iou_from_confusion, many_to_one_match, remap_confusion
 from neco.eval.unsup_cluster import ForegroundClustering, assign, faiss_kmeans, faiss_threads, standardise_pca
 
@@ -160,7 +161,7 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
         feats, gt = {}, {}
         for role, split in (("train", opts.train_split), ("val", opts.val_split)):
             feats[role], masks = ctx.features(split, opts.image_size, mask_size)
-            gt[role] = resize_labels(masks, size)
+            gt[role] = resize_label_map(masks, size)
             del masks  # the input-size masks are no longer needed (585 MB for VOC)
         noisy, saved = _noisy_foreground(ctx, opts, datasets)
         if saved:
@@ -172,9 +173,9 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
 
         km = faiss_kmeans(tokens.reshape(-1, d).numpy(), opts.k_fg, opts.kmeans_iters, opts.kmeans_restarts,
                           opts.clustering_seed, spherical=True, option="k_fg")
-        clusters = resize_labels(torch.from_numpy(assign(km, tokens.reshape(-1, d).numpy())).reshape(n, h, w), size)
-        cbfe = extract_foreground(clusters[:n_tr], clusters[n_tr:], resize_labels(noisy["train"], size),
-                                  resize_labels(noisy["val"], size), gt["train"], gt["val"], opts.k_fg,
+        clusters = resize_label_map(torch.from_numpy(assign(km, tokens.reshape(-1, d).numpy())).reshape(n, h, w), size)
+        cbfe = extract_foreground(clusters[:n_tr], clusters[n_tr:], resize_label_map(noisy["train"], size),
+                                  resize_label_map(noisy["val"], size), gt["train"], gt["val"], opts.k_fg,
                                   opts.cut_low, opts.cut_high, opts.threshold_step)
         del clusters
         extra["cbfe"] = cbfe.details
