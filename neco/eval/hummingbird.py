@@ -80,8 +80,8 @@ class HummingbirdOptions:
     # | centre (PIL's nearest at cell centres). See neco/eval/label_resize.py.
     label_resize: str = LEGACY_NEAREST
     # Memory features: per_patch (each patch feature / its norm; the evaluator since November 2024) |
-    # per_image_axis_v1 (each feature dimension / its norm over the image's patches: releases up to 1.1.0,
-    # 2.5-3.1 mIoU points apart). Which release the published tables used is not known (docs/REPRODUCE.md).
+    # per_image_axis_v1 (each feature dimension / its norm over the image's patches: releases up to 1.1.0).
+    # Which one the published tables used is not known (docs/REPRODUCE.md).
     memory_norm: str = PER_PATCH
 
 
