@@ -111,10 +111,7 @@ def load_backbone(
     >>> model(torch.zeros(1, 3, 64, 64)).shape
     torch.Size([1, 8, 8, 128])
     """
-    from neco.models.weights import default_cache_dir
-
-    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
-    try:
+    try:  # cache_dir=None: the command line's default paths.weights (neco.models.weights.default_cache_dir)
         arch, weights = _architecture(name, weights)
         if not arch:
             model = _from_recorded_checkpoint(str(weights), cache_dir, checkpoint_model, strict, img_size)
