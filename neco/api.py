@@ -18,7 +18,66 @@ import torch.nn.functional as F
 
 # ImageNet statistics, as every DINO/DINOv2/NeCo model is trained and evaluated with (spec §5).
 from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from neco.models.backbone import Backbone, build_backbone
+from neco.models.backbone import BACKBONES, Backbone, build_backbone
+from neco.models.weights import WeightsError
+
+# The settings that errors of the shared loading code name, as the arguments of ``load_backbone`` they are here.
+_PYTHON_WORDING = (
+    ("backbone.strict=false", "strict=False"),
+    ("backbone.checkpoint_model", "checkpoint_model"),
+    ("backbone.weights", "weights"),
+    ("backbone.name", "name"),
+)
+
+
+def _in_python_terms(err: Exception) -> str:
+    text = str(err)
+    for cli, python in _PYTHON_WORDING:
+        text = text.replace(cli, python)
+    return text
+
+
+def _architecture(name: str, weights: str | Path) -> tuple[str, str | Path]:
+    """A registry name, a preset of ``conf/backbone/`` or a checkpoint -> (registry name, weights source)."""
+    from neco.models.presets import presets
+
+    if name in BACKBONES:
+        return name, weights
+    preset = presets().get(name)
+    if preset is not None:
+        if str(weights) == "default" and preset.weights is None:
+            raise WeightsError(
+                f"load_backbone({name!r}) needs the weights you give: load_backbone({name!r}, "
+                f"weights='/path/to/checkpoint') (a file, https:// URL or hf:// address; "
+                f"conf/backbone/{name}.yaml lists the files it accepts).")
+        return preset.architecture, weights
+    if Path(name).expanduser().is_file() or "://" in name:  # a checkpoint given as the name
+        if str(weights) != "default":
+            raise ValueError(f"load_backbone({name!r}, weights={str(weights)!r}): give the checkpoint either as "
+                             "the name or as weights=, not both.")
+        return "", name
+    known = sorted(set(BACKBONES) | set(presets()))
+    raise ValueError(f"Unknown backbone {name!r} (and no such checkpoint file). Valid names: {', '.join(known)}.")
+
+
+def _from_recorded_checkpoint(source: str, cache_dir, checkpoint_model: str, strict: bool,
+                              img_size: int | None) -> Backbone:
+    """This project's checkpoints record their backbone: build that architecture and load the file."""
+    from neco.models.backbone import create_vit, get_spec
+    from neco.models.formats import check_checkpoint_model, recorded_backbone
+    from neco.models.weights import read_checkpoint, resolve_weights
+
+    check_checkpoint_model(checkpoint_model)
+    path = resolve_weights(source, None, "checkpoint", cache_dir, key="name")
+    obj = read_checkpoint(path, key="name")
+    arch = recorded_backbone(obj)
+    if arch not in BACKBONES:
+        raise WeightsError(f"name={source}: the checkpoint does not record its backbone: call "
+                           f"load_backbone('<backbone name>', weights={source!r}) (e.g. 'dinov2_vits14_reg').")
+    spec = get_spec(arch)
+    model = Backbone(create_vit(spec, 0.0, img_size), spec, arch)
+    model.load_weights(obj, strict=strict, checkpoint_model=checkpoint_model, key="name", label=str(path))
+    return model
 
 
 def load_backbone(
@@ -31,15 +90,19 @@ def load_backbone(
     strict: bool = True,
     cache_dir: str | Path | None = None,
 ) -> Backbone:
-    """A registry backbone with its weights, in eval mode, on ``device``.
+    """A backbone with its weights, in eval mode, on ``device``.
 
     ``name``: a registry name (``dinov2_vits14``, ``dinov2_vitb14_reg``, ``dino_vits16``, ``vit_tiny``, ...;
-    ``neco.models.BACKBONES`` lists them). ``weights``: ``"default"`` (the official weights), ``"random"``, a
-    local file (``.pth``/``.ckpt``/``.safetensors``), an ``https://`` URL or ``hf://<owner>/<repo>/<file>``;
-    downloads happen once into ``cache_dir`` (torch.hub's folder by default). ``checkpoint_model``:
-    ``"student"`` or ``"teacher"`` for files that hold both (``"auto"``: the student of NeCo and of this
-    project's checkpoints, the teacher of DINO/DINOv2 training checkpoints). Loading is strict: weights that
-    do not fit the architecture raise ``neco.models.WeightsError`` naming what differs.
+    ``neco.models.BACKBONES`` lists them), a preset of the command line's ``conf/backbone/`` (``neco_vits14``,
+    ``leopart_vits16``, ``timetuning_vits16``: an architecture whose weights you give), or a checkpoint of this
+    project (it records its backbone). ``weights``: ``"default"`` (the official weights), ``"random"``, a
+    local file (``.pth``/``.ckpt``/``.safetensors``), an ``https://`` URL (optionally ending in
+    ``#sha256=<hex>``) or ``hf://<owner>/<repo>/<file>``; downloads happen once into ``cache_dir``, by default
+    the command line's ``paths.weights`` (``$NECO_WEIGHTS``, else ``$NECO_ROOT/weights``, else ``./weights``).
+    ``checkpoint_model``: ``"student"`` or ``"teacher"`` for files that hold both (``"auto"``: the student of
+    NeCo and of this project's checkpoints, the teacher of DINO/DINOv2 training checkpoints). Loading is
+    strict: weights that do not fit the architecture, or hold NaN or inf, raise ``neco.models.WeightsError``
+    naming what differs and the argument to change.
 
     The model maps images ``(B, 3, H, W)``, ImageNet-normalised, to final-norm patch tokens
     ``(B, H // p, W // p, D)``; use ``extract_features`` for feature maps of raw images.
@@ -48,8 +111,16 @@ def load_backbone(
     >>> model(torch.zeros(1, 3, 64, 64)).shape
     torch.Size([1, 8, 8, 128])
     """
-    model = build_backbone(name, weights=str(weights), strict=strict, drop_path_rate=0.0, img_size=img_size,
-                           cache_dir=cache_dir, checkpoint_model=checkpoint_model)
+    try:  # cache_dir=None: the command line's default paths.weights (neco.models.weights.default_cache_dir)
+        arch, weights = _architecture(name, weights)
+        if not arch:
+            model = _from_recorded_checkpoint(str(weights), cache_dir, checkpoint_model, strict, img_size)
+        else:
+            model = build_backbone(arch, weights=str(weights), strict=strict, drop_path_rate=0.0,
+                                   img_size=img_size, cache_dir=cache_dir, checkpoint_model=checkpoint_model,
+                                   key="weights")
+    except WeightsError as err:
+        raise WeightsError(_in_python_terms(err)) from None
     return model.to(device).eval()
 
 

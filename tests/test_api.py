@@ -46,7 +46,7 @@ def test_load_backbone_eval_mode_and_weights_file(model, tmp_path):
     torch.save(model.state_dict(), tmp_path / "tiny.pth")
     again = neco.load_backbone("vit_tiny", weights=tmp_path / "tiny.pth", img_size=64)
     assert again.grid_size == 8 and not again.training
-    with pytest.raises(WeightsError, match="backbone.weights=.*no such file"):
+    with pytest.raises(WeightsError, match="^weights=.*no such file. Set weights to"):
         neco.load_backbone("vit_tiny", weights=tmp_path / "missing.pth")
 
 

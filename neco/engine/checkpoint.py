@@ -109,10 +109,15 @@ def find_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[Path]:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint read weights-only; damaged files and non-finite weights are one-line errors."""
+    from neco.models.weights import WeightsError, check_finite, read_checkpoint
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated or not a torch file
-        raise ResumeError(f"resume: {path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or "student" not in state or "step" not in state:
-        raise ResumeError(f"resume: {path} is not a training checkpoint of this project")
+        state = read_checkpoint(path, key="resume")
+        if not isinstance(state, dict) or "student" not in state or "step" not in state:
+            raise ResumeError(f"resume={path}: not a training checkpoint of this project")
+        for network in ("student", "teacher"):
+            check_finite(state.get(network) or {}, f"{path} ({network})", key="resume")
+    except WeightsError as err:
+        raise ResumeError(f"{err} (resume=null starts over)") from None
     return state

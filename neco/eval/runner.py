@@ -88,7 +88,7 @@ def load_model(cfg: DictConfig) -> tuple[Backbone, str]:
                            "<run dir>/checkpoints/last.pt)")
     model = build_backbone(bcfg.name, weights="random", strict=bcfg.strict)
     # This project's checkpoints hold {"student", "teacher"}; NeCo Lightning files "model." and "teacher.".
-    model.load_weights(path, strict=bcfg.strict, checkpoint_model=cfg.checkpoint_model)
+    model.load_weights(path, strict=bcfg.strict, checkpoint_model=cfg.checkpoint_model, key="checkpoint")
     return model.eval(), _weights_key(bcfg.name, str(path), path, cfg.checkpoint_model)
 
 

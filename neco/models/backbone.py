@@ -223,19 +223,21 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------------------------------ weights
 
     def load_weights(self, source: str | Path | Mapping, strict: bool = True,
-                     checkpoint_model: str | None = "auto") -> None:
+                     checkpoint_model: str | None = "auto", key: str = "backbone.weights",
+                     label: str | None = None) -> None:
         """Load pretrained weights from a checkpoint file or an already-read checkpoint object.
 
         ``checkpoint_model`` picks the student or the teacher of files that hold both (``auto``: the
         teacher of DINO/DINOv2 training checkpoints, the student of NeCo and of this project's checkpoints).
+        ``key`` is the setting named in errors; ``label`` names an already-read object (its file) in them.
         """
-        label = "checkpoint" if isinstance(source, Mapping) else str(source)
-        obj = source if isinstance(source, Mapping) else read_checkpoint(source)
+        label = label or ("checkpoint" if isinstance(source, Mapping) else str(source))
+        obj = source if isinstance(source, Mapping) else read_checkpoint(source, key=key)
         found = extract_backbone_state(obj, label, checkpoint_model)
         state = self._fit_pos_grid(found.state, label)
         state = to_timm_layout(state, self, drop_registers=self.spec.drop_registers, source=label)
         hint = architecture_hint(state, self, self.name, found.trained_as)
-        report = load_checked(self, state, strict=strict, source=label, backbone=self.name, hint=hint)
+        report = load_checked(self, state, strict=strict, source=label, backbone=self.name, hint=hint, key=key)
         where = f" ('{found.prefix}', {found.role})" if found.prefix else ""
         log.info("backbone %s: loaded %d tensors from %s%s", self.name, report.loaded, label, where)
 
@@ -269,6 +271,7 @@ def build_backbone(
     img_size: int | None = None,
     cache_dir: str | Path | None = None,
     checkpoint_model: str | None = "auto",
+    key: str = "backbone.weights",
 ) -> Backbone:
     """Build a registry backbone and load its weights.
 
@@ -277,18 +280,18 @@ def build_backbone(
     ``strict``: any missing, unexpected or mis-shaped tensor is an error (``backbone.strict=false`` only
     warns). ``img_size``: the image size the stored position-embedding grid is built for (default: the
     official one); other sizes are interpolated. ``checkpoint_model``: ``student``, ``teacher`` or ``auto``
-    for files holding both networks (see ``Backbone.load_weights``).
+    for files holding both networks (see ``Backbone.load_weights``). ``key``: the setting errors name.
     """
     spec = get_spec(name)
     check_checkpoint_model(checkpoint_model)
     # Resolve (and download) first: a missing file fails before a large model is built.
-    path = resolve_weights(weights, spec.weights_url, name, cache_dir)
+    path = resolve_weights(weights, spec.weights_url, name, cache_dir, key=key)
     backbone = Backbone(create_vit(spec, drop_path_rate, img_size), spec, name)
     if path is None:
         level = logging.WARNING if spec.weights_url else logging.INFO
         log.log(level, "backbone %s: random initialisation (backbone.weights=random)", name)
     else:
-        backbone.load_weights(path, strict=strict, checkpoint_model=checkpoint_model)
+        backbone.load_weights(path, strict=strict, checkpoint_model=checkpoint_model, key=key)
     g = backbone.grid_size
     log.info("backbone %s: timm %s, patch %d, dim %d, %d registers, stored grid %dx%d, drop_path %.3g",
              name, spec.timm_name, spec.patch_size, backbone.embed_dim, backbone.num_register_tokens, g, g,
