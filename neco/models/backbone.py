@@ -1,9 +1,11 @@
 """ViT backbones (DINO, DINOv2, DINOv2 with registers, a tiny test ViT) built through timm.
 
-``Backbone`` owns timm's modules under timm's names, so ``Backbone.state_dict()`` is a plain timm
-``VisionTransformer`` state dict. Its forward is our own, on top of those modules, because the position
-embeddings must be interpolated exactly as the DINO/DINOv2 code does (spec §2.3), which timm's
-``dynamic_img_size`` path does not do (it resizes to a target size with antialiasing).
+``Backbone`` owns timm's modules under timm's names, so ``Backbone.timm_state_dict()`` is a plain timm
+``VisionTransformer`` state dict (``state_dict()`` too, except that register models keep DINOv2's CLS entry in
+``pos_embed`` unless ``cls_position="folded"``: the parameters the reference trains). Its forward is our own,
+on top of those modules, because the position embeddings must be interpolated exactly as the DINO/DINOv2 code
+does (spec §2.3), which timm's ``dynamic_img_size`` path does not do (it resizes to a target size with
+antialiasing).
 """
 
 from __future__ import annotations
