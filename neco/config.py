@@ -27,6 +27,12 @@ class BackboneConfig:
     # of NeCo and of this project's checkpoints) | student | teacher.
     checkpoint_model: str = "auto"
     drop_path_rate: float = 0.1  # student only; the teacher always runs without stochastic depth
+    # reference: DINOv2 blocks with a rate > 0.1 keep the residual for a random batch subset (DINOv2's own rule;
+    # the last block at rate 0.1, float32(0.1) > 0.1) | per_sample: timm's per-sample DropPath in every block
+    drop_path_mode: str = "reference"
+    # Register models. separate (reference): cls_token and a CLS entry in pos_embed, two tensors for AdamW |
+    # folded: timm's layout, the CLS position embedding folded into cls_token (one tensor)
+    cls_position: str = "separate"
 
 
 @dataclass
@@ -82,6 +88,8 @@ class LossConfig:
     queue_counter: str = "shared"  # shared (reference: one counter for both queues) | per_queue
     teacher_head_init: str = "independent"  # independent (reference) | copy (teacher head = student head)
     box_scale: str = "patch"  # patch (reference: boxes / patch size) | grid (boxes / (crop size / tokens))
+    mask_blur_padding: str = "reflect"  # reflect (reference: torchvision's GaussianBlur) | zeros
+    fg_cell_rule: str = "exact"  # exact (reference: aligned mask value >= 1.0) | tolerant (>= 1 - 1e-6)
 
 
 @dataclass
@@ -103,6 +111,9 @@ class OptimConfig:
     grad_clip: Optional[float] = None  # global-norm clipping that really clips (the reference's is a no-op)
     accumulate: int = 1  # micro-batches per optimizer step; in-batch references come from each micro-batch
     ema_timing: str = "before_step"  # before_step (reference) | after_step
+    # A step whose loss is exactly zero is skipped (no update, no EMA). advance (reference): the step still
+    # counts, so the lr / wd / momentum schedules move on | hold: the schedules wait for the next real step
+    zero_loss_step: str = "advance"
 
 
 @dataclass
@@ -186,6 +197,15 @@ class TrainConfig:
     checkpoint_every: int = 1000  # optimizer steps; the end of each epoch always checkpoints
     keep_checkpoints: int = 3
     resume: Optional[str] = "auto"  # auto | null | a run directory | a checkpoint path
+
+
+# The options that choose between the reference's behaviour (each default) and a fix; run_info.json records them.
+REFERENCE_OPTIONS = (
+    "backbone.drop_path_mode", "backbone.cls_position",
+    "loss.reference_source", "loss.queue_counter", "loss.teacher_head_init", "loss.box_scale",
+    "loss.mask_blur_padding", "loss.fg_cell_rule",
+    "optim.decay_tokens", "optim.ema_timing", "optim.zero_loss_step",
+)
 
 
 def asset_path(name: str) -> str:

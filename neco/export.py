@@ -117,7 +117,7 @@ def export_backbone(checkpoint: str, fmt: str, out_dir: str | Path, backbone: st
     model = Backbone(create_vit(spec), spec, name)
     model.load_weights(obj, strict=strict, checkpoint_model=checkpoint_model, key="checkpoint", label=str(path))
 
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().clone().contiguous() for k, v in model.timm_state_dict().items()}
     swiglu = isinstance(model.blocks[0].mlp, timm.layers.GluMlp)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

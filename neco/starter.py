@@ -61,7 +61,8 @@ def pretrain(steps: int, batch_size: int, seed: int, image_size: int, crop_size:
     scenes = SyntheticScenes("train", num_images=4096, image_size=image_size, seed=seed)
     loader = DataLoader(PresenceCrops(scenes, crop_size), batch_size=batch_size, shuffle=True, drop_last=True,
                         num_workers=0, generator=torch.Generator().manual_seed(seed))
-    backbone = build_backbone("vit_tiny", weights="random", drop_path_rate=0.1)
+    # timm's per-sample stochastic depth, with which the shipped starter was made.
+    backbone = build_backbone("vit_tiny", weights="random", drop_path_rate=0.1, drop_path_mode="per_sample")
     classifier = nn.Linear(backbone.embed_dim, scenes.num_classes - 1)
     params = list(backbone.parameters()) + list(classifier.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)

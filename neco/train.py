@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import neco.config  # noqa: F401  (registers the config schema and resolvers)
 from neco.cli import exit_on_user_error
+from neco.config import REFERENCE_OPTIONS
 from neco.engine import dist
 from neco.engine.checkpoint import find_checkpoint
 from neco.engine.log import MetricsLogger, environment_info
@@ -118,7 +119,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     }
     if main_process:  # rank 0 alone writes the run directory, logs, evaluates and checkpoints
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        info = environment_info(device, cfg.seed) | {"derived": derived}
+        options = {key: OmegaConf.select(cfg, key) for key in REFERENCE_OPTIONS}
+        info = environment_info(device, cfg.seed) | {"derived": derived, "reference_options": options}
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
     log.info("run directory: %s", run_dir)
     log.info("%d images, %d steps/epoch x %d epochs, effective batch %d (%d x %d accumulated x %d "

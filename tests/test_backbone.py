@@ -152,7 +152,11 @@ def test_state_dict_is_plain_timm(vits14_reg):
     with torch.device("meta"):
         ref = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0)
     shapes = {k: v.shape for k, v in ref.state_dict().items()}
-    assert {k: v.shape for k, v in vits14_reg.state_dict().items()} == shapes
+    assert {k: v.shape for k, v in vits14_reg.timm_state_dict().items()} == shapes
+    # The training parameters are DINOv2's: pos_embed keeps its CLS entry (backbone.cls_position=separate).
+    assert vits14_reg.state_dict()["pos_embed"].shape == (1, 1 + 37 * 37, 384)
+    folded = build_backbone("dinov2_vits14_reg", weights="random", cls_position="folded")
+    assert {k: v.shape for k, v in folded.state_dict().items()} == shapes
 
 
 def test_every_parameter_gets_a_gradient():

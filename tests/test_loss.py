@@ -1,15 +1,24 @@
 """The NeCo objective against a float64 re-derivation straight from spec 3.3-3.7, and its invariants."""
 
+import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffsort import DiffSortNet
+from timm.models.vision_transformer import Block
 from torchvision.ops import roi_align
 
+from neco.engine.optim import build_optimizer, build_schedules, param_groups
+from neco.engine.setup import _disable_drop_path
+from neco.engine.trainer import Trainer, TrainState
 from neco.loss import NeCoLoss, pair_loss
 from neco.loss.pair import soft_permutation
+from neco.models.backbone import Backbone, BackboneSpec, create_vit
+from neco.models.encoder import DenseEncoder
+from neco.models.head import ProjectionHead
+from neco.models.stochastic_depth import SubsetDropBlock
 
 DT = torch.float64  # the re-derivation is compared tightly, so everything runs in float64
 
@@ -19,7 +28,7 @@ def _loss_cfg(**kw):
                 art_lambda=0.25, similarity="cosine", references="batch", queue_length=8192, mask="all",
                 roi_size=7, use_teacher=True, head=SimpleNamespace(out_dim=8), reference_source="teacher",
                 queue_counter="shared", teacher_head_init="independent", box_scale="patch",
-                sorter="sparse")
+                sorter="sparse", mask_blur_padding="reflect", fg_cell_rule="exact")
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -97,6 +106,83 @@ def test_step_loss_equals_spec_rederivation(beta_s, beta_t):
     expected_grads = torch.autograd.grad(expected, student)
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+SMALL_VIT = {"patch_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2}
+STEP_BACKBONES = {  # depth 2 at drop_path_rate 0.1: block rates 0 and float32(0.1)
+    "v1": BackboneSpec("vit_small_patch16_224", 8, 16, "dino", img_size=32, timm_kwargs=SMALL_VIT),
+    "v2": BackboneSpec("vit_small_patch14_dinov2", 8, 16, "dinov2", img_size=32,
+                       timm_kwargs={**SMALL_VIT, "init_values": 1.0}),
+    "v2_reg": BackboneSpec("vit_small_patch14_reg4_dinov2", 8, 16, "dinov2", num_register_tokens=4, img_size=32,
+                           timm_kwargs={**SMALL_VIT, "init_values": 1.0}),
+}
+
+
+@pytest.mark.parametrize("version", list(STEP_BACKBONES))
+def test_full_step_updates_every_parameter_and_the_teacher_as_specified(version):
+    """One training step with stochastic depth on: loss and gradients against the re-derivation above, then every
+    student parameter against AdamW's first step (spec 4.1 groups, wd(0), lr(0)) and every teacher parameter
+    against the EMA with the pre-update student (spec 4.4, 4.8)."""
+    from helpers import randomize_
+
+    spec = STEP_BACKBONES[version]
+    torch.manual_seed(0)
+    backbone = randomize_(Backbone(create_vit(spec, drop_path_rate=0.1), spec, version), seed=1)
+    student = DenseEncoder(backbone, randomize_(ProjectionHead(16, 32, 8, 3), seed=2)).to(DT).train()
+    teacher = copy.deepcopy(student).eval()
+    _disable_drop_path(teacher)
+    randomize_(teacher.head, seed=3)  # the reference's independently initialised teacher head
+    teacher.requires_grad_(False)
+    last = backbone.blocks[-1]
+    assert type(last) is (Block if version == "v1" else SubsetDropBlock) and last.drop_path1.drop_prob > 0.1
+    if version == "v2_reg":  # DINOv2's parameters: a CLS entry in pos_embed next to cls_token
+        assert backbone.pos_embed.shape[1] == 1 + 16
+    g = torch.Generator().manual_seed(4)
+    batch, sizes = 3, [32, 32, 16, 16, 16, 16]
+    crops = [torch.randn(batch, 3, s, s, generator=g, dtype=DT) for s in sizes]
+    boxes = _random_boxes(batch, sizes, 2, g)
+    student_maps = student(crops)
+    with torch.no_grad():
+        teacher_maps = teacher(crops[:2])
+    objective = NeCoLoss(_loss_cfg(roi_size=4), 8, sizes, 2, batch)  # 4x4 cells keep the dense sorter quick
+    torch.manual_seed(5)
+    ours = objective(student_maps, teacher_maps, boxes)
+    torch.manual_seed(5)
+    expected = _reference_step_loss(student_maps, teacher_maps, boxes, 8, 100.0, 100.0, k=4)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    names, params = zip(*student.named_parameters())
+    grads = torch.autograd.grad(ours, params, retain_graph=True)
+    for name, a, b in zip(names, grads, torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12, msg=name)
+    assert all(bool(gr.abs().sum() > 0) for gr in grads)  # stochastic depth left every parameter in the graph
+
+    cfg = SimpleNamespace(lr_backbone=1e-4, lr_heads=1e-3, final_lr=0.0, weight_decay=0.04, weight_decay_end=0.5,
+                          momentum_teacher=0.99, momentum_teacher_end=1.0, exclude_norm_bias=True, decay_tokens=True,
+                          betas=[0.9, 0.999], eps=1e-8, zero_loss_step="advance", ema_timing="before_step",
+                          grad_clip=None)
+    optimizer = build_optimizer(param_groups(backbone, student.head, cfg), cfg, torch.device("cpu"))
+    schedules = build_schedules(cfg, 10)
+    schedules.apply(optimizer, 0)
+    for p, gr in zip(params, grads):
+        p.grad = gr
+    student_before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    runner = SimpleNamespace(state=TrainState(), schedules=schedules, cfg=SimpleNamespace(optim=cfg),
+                             teacher=teacher, student=student, optimizer=optimizer, trainable=list(params),
+                             scaler=torch.amp.GradScaler("cpu", enabled=False))
+    Trainer._optimizer_step(runner)
+    assert runner.state.step == 1
+    for (name, p), gr in zip(student.named_parameters(), grads):
+        lr = cfg.lr_heads if name.startswith("head.") else cfg.lr_backbone
+        wd = cfg.weight_decay if p.ndim >= 2 and not name.endswith(".bias") else 0.0
+        old = student_before[name]
+        # AdamW's first step: m_hat = g, v_hat = g^2, decoupled decay.
+        torch.testing.assert_close(p.detach(), old * (1 - lr * wd) - lr * gr / (gr.abs() + cfg.eps),
+                                   rtol=1e-12, atol=1e-15, msg=name)
+    m = cfg.momentum_teacher  # momentum(0)
+    for name, p in teacher.named_parameters():
+        torch.testing.assert_close(p, m * teacher_before[name] + (1 - m) * student_before[name],
+                                   rtol=1e-12, atol=1e-15, msg=name)
 
 
 def test_dense_and_sparse_sorters_give_the_same_step_loss():
@@ -186,7 +272,9 @@ def test_foreground_mask_restricts_cells_and_references():
     teacher = [_unit_maps(batch, 8, 4, g) for _ in range(2)]
     boxes = _random_boxes(batch, sizes, 2, g)
     full = torch.ones(2, batch, 1, 4, 4, dtype=DT)
-    fg_obj = NeCoLoss(_loss_cfg(mask="fg"), patch, sizes, 2, batch)
+    # tolerant: every fully covered cell counts (the reference's exact rule also drops cells whose aligned value
+    # rounds below 1, see test_training_fidelity.py)
+    fg_obj = NeCoLoss(_loss_cfg(mask="fg", fg_cell_rule="tolerant"), patch, sizes, 2, batch)
     all_obj = NeCoLoss(_loss_cfg(mask="all"), patch, sizes, 2, batch)
     torch.manual_seed(0)
     with_full_mask = fg_obj(student, teacher, boxes, full)

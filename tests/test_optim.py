@@ -16,7 +16,7 @@ from neco.models.ema import ema_update
 def _optim_cfg(**kw):
     base = dict(lr_backbone=1e-5, lr_heads=1e-4, final_lr=0.0, weight_decay=0.04, weight_decay_end=0.5,
                 momentum_teacher=0.9995, momentum_teacher_end=1.0, exclude_norm_bias=True, decay_tokens=True,
-                betas=[0.9, 0.999], eps=1e-8)
+                betas=[0.9, 0.999], eps=1e-8, zero_loss_step="advance")
     base.update(kw)
     return SimpleNamespace(**base)
 

@@ -43,6 +43,8 @@ VARIANTS = [
     ["loss.reference_source=student"],
     ["loss.teacher_head_init=copy"],
     ["loss.box_scale=grid"],
+    ["loss.mask=fg", "loss.mask_blur_padding=zeros", "loss.fg_cell_rule=tolerant",
+     "backbone.drop_path_mode=per_sample", "optim.zero_loss_step=hold"],
     ["optim.decay_tokens=false", "optim.ema_timing=after_step", "optim.grad_clip=1.0"],
     ["optim.trainable_blocks=-1"],
     ["optim.accumulate=2"],

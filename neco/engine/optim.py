@@ -15,6 +15,8 @@ from neco.errors import ConfigError
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 # Parameters the reference decays because they are >= 2-D (spec 4.1, 10.24); optim.decay_tokens=false spares them.
 TOKEN_PARAMS = ("cls_token", "pos_embed", "reg_token", "register_tokens", "mask_token")
+# What a step whose loss is exactly zero does to the step counter that indexes the schedules (spec 4.8).
+ZERO_LOSS_STEPS = ("advance", "hold")
 
 
 def block_index(name: str) -> int | None:
@@ -105,6 +107,8 @@ class Schedules:
 
 
 def build_schedules(cfg, total_steps: int) -> Schedules:
+    if cfg.zero_loss_step not in ZERO_LOSS_STEPS:
+        raise ConfigError(f"optim.zero_loss_step={cfg.zero_loss_step!r}: choose one of {', '.join(ZERO_LOSS_STEPS)}")
     if total_steps <= 0:
         raise ConfigError("the run has no optimizer steps: the dataset is smaller than one batch "
                          "(lower data.batch_size or optim.accumulate, or use more images)")

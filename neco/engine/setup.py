@@ -96,7 +96,8 @@ def build_student_teacher(backbone_cfg, loss_cfg, cache_dir: str | None = None):
     """
     backbone = build_backbone(backbone_cfg.name, weights=backbone_cfg.weights, strict=backbone_cfg.strict,
                               checkpoint_model=backbone_cfg.checkpoint_model,
-                              drop_path_rate=backbone_cfg.drop_path_rate, cache_dir=cache_dir)
+                              drop_path_rate=backbone_cfg.drop_path_rate, cache_dir=cache_dir,
+                              drop_path_mode=backbone_cfg.drop_path_mode, cls_position=backbone_cfg.cls_position)
     teacher_backbone = copy.deepcopy(backbone)
     _disable_drop_path(teacher_backbone)
     head_cfg = loss_cfg.head

@@ -59,6 +59,7 @@ class Trainer:
         self.trainable = [p for p in student.parameters() if p.requires_grad]
         self.num_global = cfg.data.num_global
         self._saved_step: Optional[int] = None
+        self._has_grads = False  # a micro-batch of the current optimizer step had a non-zero loss
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -132,8 +133,8 @@ class Trainer:
                 # No-teacher ablation: the student's own global maps give targets (no grad) and references.
                 teacher_maps, attention = student_maps[:G], None
         if masked:
-            fg = attention_foreground(torch.cat(attention)).view(G, crops[0].shape[0], 1,
-                                                                  *attention[0].shape[-2:])
+            fg = attention_foreground(torch.cat(attention), blur_padding=self.cfg.loss.mask_blur_padding)
+            fg = fg.view(G, crops[0].shape[0], 1, *attention[0].shape[-2:])
         return self.objective(student_maps, teacher_maps, boxes, fg)
 
     def _optimizer_step(self) -> Optional[float]:
@@ -219,16 +220,22 @@ class Trainer:
                             f"the run stopped and its last checkpoint in {self.run_dir / 'checkpoints'} is "
                             "intact. Lower optim.lr_backbone, set optim.grad_clip, or use precision=fp32.")
                     self.state.batch_in_epoch += 1
-                    if value == 0.0:  # the reference skips a step whose loss is exactly zero (spec 4.8)
-                        continue
-                    self.scaler.scale(loss / accumulate).backward()
+                    if value != 0.0:  # a zero loss (every pair masked out) is skipped as the reference does
+                        self.scaler.scale(loss / accumulate).backward()
+                        self._has_grads = True
+                    elif self.cfg.optim.zero_loss_step == "hold":
+                        continue  # skipped without counting: the schedules wait for the next step with a loss
                 micro += 1
                 window_loss, window_n = window_loss + value, window_n + 1
                 window_images += len(crops[0]) * dist.world_size()
                 last_loss = value
                 if micro % accumulate:
                     continue
-                grad_norm = self._optimizer_step()
+                if self._has_grads:
+                    grad_norm = self._optimizer_step()
+                else:  # every micro-batch had a zero loss: no update, no EMA, but the step counts (spec 4.8)
+                    grad_norm, self.state.step = None, self.state.step + 1
+                self._has_grads = False
                 bar.update(1)
                 if self.state.step % cfg.logger.log_every == 0 or self.state.step == last_step:
                     elapsed = time.perf_counter() - window_start

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from neco.errors import ConfigError
 from neco.eval.features import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
+from neco.loss.masks import gaussian_blur
 
 __all__ = [
     "blur_maps",
@@ -38,7 +38,7 @@ __all__ = [
 
 def blur_maps(maps: torch.Tensor, kernel_size: int = 7, sigma: float = 0.6) -> torch.Tensor:
     """Gaussian blur of ``(N, h, w)`` maps, exactly torchvision's ``GaussianBlur(kernel_size, sigma)``."""
-    return TF.gaussian_blur(maps[:, None].float(), [kernel_size, kernel_size], [sigma, sigma])[:, 0]
+    return gaussian_blur(maps[:, None].float(), kernel_size, sigma, padding="reflect")[:, 0]
 
 
 def keep_mass(maps: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from neco.errors import ConfigError
+from neco.loss.masks import BLUR_PADDINGS, FG_CELL_RULES, foreground_cells
 from neco.loss.pair import SORTERS, pair_loss
 from neco.loss.sorting import DISTRIBUTIONS, SORT_NETWORKS
 
@@ -28,6 +29,8 @@ _CHOICES = {
     "queue_counter": ("shared", "per_queue"),
     "box_scale": ("patch", "grid"),
     "sorter": tuple(SORTERS),
+    "mask_blur_padding": BLUR_PADDINGS,
+    "fg_cell_rule": FG_CELL_RULES,
 }
 
 QUEUE_ROWS_PER_IMAGE = 10  # the reference pushes 10 random teacher tokens per image and teacher crop
@@ -163,7 +166,7 @@ class NeCoLoss(nn.Module):
             fg_all = None
             if fg is not None:
                 # A cell is foreground when every ROI sample falls inside the mask (aligned value 1).
-                fg_all = align(fg[t], boxes["gc"][:, t], scale_t, k) >= 1.0 - 1e-6  # (B*N, 1, k, k)
+                fg_all = foreground_cells(align(fg[t], boxes["gc"][:, t], scale_t, k), cfg.fg_cell_rule)
             pair_sum = total.new_zeros(())
             for v in range(num_crops):
                 if v == t:

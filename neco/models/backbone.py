@@ -1,9 +1,11 @@
 """ViT backbones (DINO, DINOv2, DINOv2 with registers, a tiny test ViT) built through timm.
 
-``Backbone`` owns timm's modules under timm's names, so ``Backbone.state_dict()`` is a plain timm
-``VisionTransformer`` state dict. Its forward is our own, on top of those modules, because the position
-embeddings must be interpolated exactly as the DINO/DINOv2 code does (spec §2.3), which timm's
-``dynamic_img_size`` path does not do (it resizes to a target size with antialiasing).
+``Backbone`` owns timm's modules under timm's names, so ``Backbone.timm_state_dict()`` is a plain timm
+``VisionTransformer`` state dict (``state_dict()`` too, except that register models keep DINOv2's CLS entry in
+``pos_embed`` unless ``cls_position="folded"``: the parameters the reference trains). Its forward is our own,
+on top of those modules, because the position embeddings must be interpolated exactly as the DINO/DINOv2 code
+does (spec §2.3), which timm's ``dynamic_img_size`` path does not do (it resizes to a target size with
+antialiasing).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from neco.errors import ConfigError
 from neco.models.formats import (
     architecture_hint,
     check_checkpoint_model,
     extract_backbone_state,
     to_timm_layout,
 )
+from neco.models.stochastic_depth import apply_drop_path_mode
 from neco.models.weights import load_checked, read_checkpoint, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -95,14 +99,21 @@ def get_spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
-def create_vit(spec: BackboneSpec, drop_path_rate: float = 0.0, img_size: int | None = None) -> nn.Module:
-    """The randomly initialised timm ``VisionTransformer`` of a registry entry (no download, no head)."""
+def create_vit(spec: BackboneSpec, drop_path_rate: float = 0.0, img_size: int | None = None,
+               drop_path_mode: str = "reference") -> nn.Module:
+    """The randomly initialised timm ``VisionTransformer`` of a registry entry (no download, no head).
+
+    ``drop_path_mode``: ``reference`` gives DINOv2-style blocks DINOv2's batch-subset stochastic depth where
+    their rate exceeds 0.1; ``per_sample`` keeps timm's DropPath everywhere (see ``stochastic_depth``).
+    """
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     kwargs = dict(num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path_rate,
                   img_size=img_size or spec.img_size)
-    # timm spaces the per-block drop-path rates linearly from 0 to drop_path_rate, as DINO/DINOv2 do (§2.4).
-    return timm.create_model(spec.timm_name, pretrained=False, **{**kwargs, **spec.timm_kwargs})
+    # timm spaces the per-block drop-path rates linearly from 0 to drop_path_rate in float32, as DINO/DINOv2 do.
+    vit = timm.create_model(spec.timm_name, pretrained=False, **{**kwargs, **spec.timm_kwargs})
+    apply_drop_path_mode(vit.blocks, spec.family, drop_path_mode)
+    return vit
 
 
 def interpolate_pos_embed(patch_pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -125,6 +136,15 @@ def interpolate_pos_embed(patch_pos: torch.Tensor, h: int, w: int) -> torch.Tens
     return grid.permute(0, 2, 3, 1).reshape(1, h * w, dim)
 
 
+CLS_POSITIONS = ("separate", "folded")
+
+
+def fold_cls_position(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's register layout: the CLS entry of ``pos_embed`` added into ``cls_token`` and removed."""
+    pos = state["pos_embed"]
+    return {**state, "cls_token": state["cls_token"] + pos[:, :1], "pos_embed": pos[:, 1:]}
+
+
 class Backbone(nn.Module):
     """A timm ViT returning final-norm patch tokens ``(B, h, w, D)`` for any input size.
 
@@ -132,10 +152,19 @@ class Backbone(nn.Module):
     as the patch convolution itself would. CLS and register tokens are computed but not returned.
     """
 
-    def __init__(self, vit: nn.Module, spec: BackboneSpec, name: str):
+    def __init__(self, vit: nn.Module, spec: BackboneSpec, name: str, cls_position: str = "separate"):
         super().__init__()
         if vit.num_reg_tokens and not vit.no_embed_class:
             raise ValueError("register tokens with position embeddings are not a DINOv2 layout")
+        if cls_position not in CLS_POSITIONS:
+            raise ConfigError(f"backbone.cls_position={cls_position!r}: choose one of {', '.join(CLS_POSITIONS)}")
+        if vit.num_reg_tokens and cls_position == "separate":
+            # DINOv2's own parameters: cls_token and a pos_embed with a CLS entry, two tensors that AdamW moves
+            # separately (the CLS input moves twice as far per step as with timm's folded cls_token).
+            # A zero CLS entry keeps the network unchanged.
+            pos = vit.pos_embed
+            vit.pos_embed = nn.Parameter(torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos.detach()], dim=1))
+            vit.no_embed_class = False
         self.name, self.spec = name, spec
         self.patch_size = spec.patch_size
         self.embed_dim = vit.embed_dim
@@ -155,6 +184,28 @@ class Backbone(nn.Module):
         self.norm = vit.norm
         if set(self.state_dict()) != set(vit.state_dict()):
             raise RuntimeError(f"timm model {spec.timm_name} has parameters the backbone does not use")
+
+    @property
+    def separate_cls_position(self) -> bool:
+        """Register model holding DINOv2's CLS entry in ``pos_embed`` (``backbone.cls_position=separate``)."""
+        return self.reg_token is not None and not self.no_embed_class
+
+    def timm_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict in the layout of the timm model ``spec.timm_name`` (what exports write)."""
+        state = self.state_dict()
+        return fold_cls_position(state) if self.separate_cls_position else state
+
+    def _match_cls_position(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Give a timm-layout register state this model's CLS parametrisation (the network stays the same)."""
+        pos = state.get("pos_embed")
+        if self.reg_token is None or pos is None or pos.ndim != 3 or "reg_token" not in state:
+            return state
+        has_cls_entry = pos.shape[1] - math.isqrt(pos.shape[1]) ** 2 == 1
+        if self.separate_cls_position and not has_cls_entry:
+            return {**state, "pos_embed": torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)}
+        if not self.separate_cls_position and has_cls_entry:
+            return fold_cls_position(state)
+        return state
 
     @property
     def grid_size(self) -> int:
@@ -235,7 +286,11 @@ class Backbone(nn.Module):
         obj = source if isinstance(source, Mapping) else read_checkpoint(source, key=key)
         found = extract_backbone_state(obj, label, checkpoint_model)
         state = self._fit_pos_grid(found.state, label)
+        if self.separate_cls_position and "register_tokens" in state:
+            # DINOv2 files: keep their cls_token / CLS position split (timm's conversion would fold it).
+            state = {("reg_token" if k == "register_tokens" else k): v for k, v in state.items()}
         state = to_timm_layout(state, self, drop_registers=self.spec.drop_registers, source=label)
+        state = self._match_cls_position(state)
         hint = architecture_hint(state, self, self.name, found.trained_as)
         report = load_checked(self, state, strict=strict, source=label, backbone=self.name, hint=hint, key=key)
         where = f" ('{found.prefix}', {found.role})" if found.prefix else ""
@@ -272,6 +327,8 @@ def build_backbone(
     cache_dir: str | Path | None = None,
     checkpoint_model: str | None = "auto",
     key: str = "backbone.weights",
+    drop_path_mode: str = "reference",
+    cls_position: str = "separate",
 ) -> Backbone:
     """Build a registry backbone and load its weights.
 
@@ -281,12 +338,14 @@ def build_backbone(
     warns). ``img_size``: the image size the stored position-embedding grid is built for (default: the
     official one); other sizes are interpolated. ``checkpoint_model``: ``student``, ``teacher`` or ``auto``
     for files holding both networks (see ``Backbone.load_weights``). ``key``: the setting errors name.
+    ``drop_path_mode`` and ``cls_position``: the reference's stochastic depth and register-model parameters, or
+    timm's (see ``create_vit``, ``Backbone``).
     """
     spec = get_spec(name)
     check_checkpoint_model(checkpoint_model)
     # Resolve (and download) first: a missing file fails before a large model is built.
     path = resolve_weights(weights, spec.weights_url, name, cache_dir, key=key)
-    backbone = Backbone(create_vit(spec, drop_path_rate, img_size), spec, name)
+    backbone = Backbone(create_vit(spec, drop_path_rate, img_size, drop_path_mode), spec, name, cls_position)
     if path is None:
         level = logging.WARNING if spec.weights_url else logging.INFO
         log.log(level, "backbone %s: random initialisation (backbone.weights=random)", name)

@@ -16,6 +16,7 @@ projection or classifier heads and are left out, as the reference does. What is 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -179,10 +180,11 @@ def to_timm_layout(
     state = dict(state)
     if drop_registers:
         dropped = [k for k in ("register_tokens", "reg_token") if k in state]
-        if "reg_token" in state and not getattr(model, "no_embed_class", True):
+        pos = state.get("pos_embed")
+        if ("reg_token" in state and not getattr(model, "no_embed_class", True)
+                and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]):
             # timm's register layout folds the CLS position embedding into cls_token and stores no CLS
             # entry in pos_embed; a zero entry restores the CLS-inclusive layout with identical outputs.
-            pos = state["pos_embed"]
             state["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
         for k in dropped:
             state.pop(k)
