@@ -16,10 +16,12 @@ from torch.utils.data import ConcatDataset, Dataset
 from .images import (  # noqa: F401  (re-exported: the readers' public names)
     BAD_IMAGE_POLICIES,
     BadImageCounter,
+    BadImageError,
     ImageReadError,
     bad_image_count,
     check_bad_image_policy,
     load_rgb,
+    printable,
     read_or_substitute,
 )
 from .labels import IMAGENET100_WNIDS
@@ -52,9 +54,21 @@ def list_images(
         with os.scandir(root) as it:
             files = [e.path for e in it if e.is_file() and _has_ext(e.name, extensions)]
         return sorted(files)
-    files = []
+    # Symbolic links are followed, but each real directory is read once: a link back up the tree (a loop) would
+    # otherwise list its files again and again, and two such loops make the walk endless. Subfolders are visited
+    # in sorted order, so a folder reachable by two paths is always listed under the same one.
+    files, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files.extend(os.path.join(dirpath, f) for f in filenames if _has_ext(f, extensions))
     return sorted(files)
 
@@ -63,22 +77,24 @@ class ImageFileDataset(Dataset):
     """A fixed list of image files -> ``transform(RGB image)`` (the image itself without a transform).
 
     ``on_bad_image="skip"`` replaces an unreadable file by the next readable one, logs a warning and counts it
-    in ``bad_counter`` (see :func:`bad_image_count`); ``"raise"`` raises :class:`ImageReadError`.
+    in ``bad_counter`` (see :func:`bad_image_count`); ``"raise"`` raises :class:`BadImageError`. ``source``
+    (e.g. ``paths.folder=/data/x``) is named in those messages.
     """
 
     def __init__(self, files: Sequence[PathLike], transform: Callable | None = None, on_bad_image: str = "raise",
-                 bad_counter: BadImageCounter | None = None):
+                 bad_counter: BadImageCounter | None = None, source: str = ""):
         self.files = [os.fspath(f) for f in files]
         self.transform = transform
         self.on_bad_image = check_bad_image_policy(on_bad_image)
         self.bad_counter = bad_counter or BadImageCounter()
+        self.source = source
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         image = read_or_substitute(lambda i: load_rgb(self.files[i]), index, len(self.files), self.on_bad_image,
-                                   self.bad_counter, self.files.__getitem__)
+                                   self.bad_counter, self.files.__getitem__, self.source)
         return self.transform(image) if self.transform is not None else image
 
 
@@ -318,4 +334,6 @@ def _build_one(
         raise DatasetNotFound(f"paths.{key} is not set: set it to {_EXPECTED[key]} (dataset {part!r})")
     readers = {"coco": coco_train, "imagenet100": imagenet100_train, "imagenet": imagenet_train,
                "voc": voc_trainaug, "folder": folder_train}
-    return readers[part](root, transform, key=key)
+    dataset = readers[part](root, transform, key=key)
+    dataset.source = f"paths.{key}={printable(root)}"
+    return dataset

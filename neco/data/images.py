@@ -16,6 +16,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import ConcatDataset
 
+from neco.errors import UserError
+
 PathLike = Union[str, os.PathLike]
 T = TypeVar("T")
 
@@ -24,6 +26,25 @@ log = logging.getLogger("neco")
 
 class ImageReadError(OSError):
     """An image file exists but cannot be decoded."""
+
+
+class BadImageError(ImageReadError, UserError):
+    """Unreadable images a run cannot go on without; the message names the file and ``data.on_bad_image``."""
+
+
+def printable(text: Union[PathLike, bytes]) -> str:
+    """``text`` (a file name, or a message that holds one) as one printable line, safe for any log or terminal.
+
+    Undecodable bytes of a file name (held by Python as lone surrogates) become ``\\xNN``, control characters
+    (a newline in a name) are escaped: logging such a name raw to a UTF-8 file fails, and a newline would split
+    a one-line error message.
+    """
+    text = os.fsdecode(text) if isinstance(text, (bytes, os.PathLike)) else str(text)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that did not come from undecodable bytes
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 BAD_IMAGE_POLICIES = ("skip", "raise")
@@ -59,7 +80,7 @@ def load_rgb(path: PathLike, exif: bool = True) -> Image.Image:
                 im = im.convert("RGBA")
             return im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"could not read image {path}: {e}") from e
+        raise ImageReadError(f"could not read image {printable(path)}: {printable(str(e))}") from e
 
 
 class BadImageCounter:
@@ -91,20 +112,29 @@ def check_bad_image_policy(policy: str) -> str:
 
 
 def read_or_substitute(read: Callable[[int], T], index: int, size: int, policy: str,
-                       counter: BadImageCounter, path_of: Callable[[int], str]) -> T:
+                       counter: BadImageCounter, path_of: Callable[[int], str], source: str = "") -> T:
     """``read(index)``; under ``policy="skip"`` an :class:`ImageReadError` is counted and the next index is
-    read instead (the batch keeps its size, and the replacement is deterministic)."""
-    for step in range(min(size, MAX_CONSECUTIVE_BAD)):
+    read instead (the batch keeps its size, and the replacement is deterministic).
+
+    Raises :class:`BadImageError` (a user error: one line, no traceback) under ``policy="raise"``, or when no
+    readable image is found to stand in. ``source`` (e.g. ``paths.folder=/data/x``) says where the files are.
+    """
+    where = f" of {source}" if source else ""
+    setting = f"data.on_bad_image=raise, {source}" if source else "data.on_bad_image=raise"
+    tries = min(size, MAX_CONSECUTIVE_BAD)
+    for step in range(tries):
         i = (index + step) % size
         try:
             return read(i)
         except ImageReadError as e:
             if policy == "raise":
-                raise ImageReadError(f"{e} (set data.on_bad_image=skip to skip unreadable images)") from e
+                raise BadImageError(f"{e} ({setting}; set data.on_bad_image=skip to skip unreadable images)") from e
             counter.record(path_of(i), e)
-    raise ImageReadError(
-        f"{min(size, MAX_CONSECUTIVE_BAD)} images in a row could not be read, starting at {path_of(index)}: "
-        "the dataset looks broken (run python -m neco.data.check)"
+    verdict = f"no image{where} is readable" if tries == size else f"the dataset{where} looks broken"
+    images = "images" if tries > 1 else "image"
+    raise BadImageError(
+        f"{tries} {images} in a row could not be read, starting at {printable(path_of(index))}: {verdict}, "
+        "data.on_bad_image=skip has no image to use instead (run python -m neco.data.check)"
     )
 
 
