@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import sys
 
+from hydra._internal.utils import get_args_parser
 from omegaconf.errors import MissingMandatoryValue
 
 from neco.data.datasets import DatasetNotFound
 from neco.data.multicrop import CropSamplingError
 from neco.errors import UserError
 from neco.models.weights import WeightsError
+from neco.overrides import check_overrides
 
 # Errors whose message already names the setting to change: printed as they are, without a traceback.
 USER_ERRORS = (UserError, WeightsError, DatasetNotFound, CropSamplingError)
@@ -47,3 +51,35 @@ def user_message(err: BaseException) -> str:
         if sep and name.endswith(type(err).__name__):
             return message
     return text
+
+
+def checked_command_line(schema: type):
+    """Decorate a ``hydra.main`` entry point so that its command-line overrides are checked against ``schema``
+    and the config groups (:func:`neco.overrides.check_overrides`) before Hydra composes: an unknown key, also
+    one added with ``+`` or ``++``, or an unknown group option is one line with the closest names, exit 2."""
+
+    def decorate(hydra_main):
+        @functools.wraps(hydra_main)
+        def entry(*args, **kwargs):
+            if not args and not kwargs:  # run as a program: Hydra reads sys.argv
+                _check_argv(sys.argv[1:], schema)
+            return hydra_main(*args, **kwargs)
+
+        return entry
+
+    return decorate
+
+
+def _check_argv(argv: list[str], schema: type) -> None:
+    parser = get_args_parser()  # Hydra's own command-line parser, so flags and overrides split as Hydra does
+    parser.exit_on_error = False
+    try:
+        args, _ = parser.parse_known_args(argv)
+    except (argparse.ArgumentError, SystemExit):
+        return  # Hydra reports a malformed command line itself
+    if args.help or args.hydra_help or args.shell_completion or args.info or args.config_name or args.config_path:
+        return
+    # Another config directory or search path may hold more group options than conf/ does.
+    extra_search_path = args.config_dir is not None or any("hydra.searchpath" in o for o in args.overrides)
+    with exit_on_user_error():
+        check_overrides(args.overrides, schema, check_groups=not extra_search_path)

@@ -208,6 +208,19 @@ REFERENCE_OPTIONS = (
 )
 
 
+@dataclass
+class ExportConfig:
+    """`python -m neco.export` (conf/export.yaml); the backbone group is only selected for non-project files."""
+
+    checkpoint: str = MISSING
+    format: str = "timm"
+    checkpoint_model: str = "auto"
+    strict: bool = True
+    name: str = "export"
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    backbone: Optional[BackboneConfig] = None
+
+
 def asset_path(name: str) -> str:
     """Absolute path of a file shipped inside the package (used as `${neco_asset:file}` in configs)."""
     return str(Path(__file__).resolve().parent / "assets" / name)
@@ -215,6 +228,7 @@ def asset_path(name: str) -> str:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="export_schema", node=ExportConfig)
     if not OmegaConf.has_resolver("neco_asset"):
         OmegaConf.register_new_resolver("neco_asset", asset_path)
 

@@ -26,7 +26,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from neco.cli import exit_on_user_error
+from neco.cli import checked_command_line, exit_on_user_error
+from neco.config import ExportConfig
 from neco.errors import ConfigError
 
 log = logging.getLogger("neco.export")
@@ -140,6 +141,7 @@ def export_backbone(checkpoint: str, fmt: str, out_dir: str | Path, backbone: st
     return Exported(dst, recipe, info)
 
 
+@checked_command_line(ExportConfig)
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error("", "/path/to/checkpoint"):

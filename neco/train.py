@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import neco.config  # noqa: F401  (registers the config schema and resolvers)
-from neco.cli import exit_on_user_error
+from neco.cli import checked_command_line, exit_on_user_error
 from neco.config import REFERENCE_OPTIONS
 from neco.engine import dist
 from neco.engine.checkpoint import find_checkpoint
@@ -176,6 +176,7 @@ class _NoLogger:
         pass
 
 
+@checked_command_line(neco.config.TrainConfig)
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     with exit_on_user_error():

@@ -18,9 +18,9 @@ def run_train(*args, cwd):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["loss.studnet_steepness=1"], "Key 'studnet_steepness' not in 'LossConfig'"),
+    (["loss.studnet_steepness=1"], "unknown setting loss.studnet_steepness (did you mean loss.student_steepness?)"),
     (["optim.epochs=abc"], "optim.epochs"),
-    (["backbone=vit_huge"], "Available options in 'backbone'"),
+    (["backbone=vit_huge"], "backbone=vit_huge: no such backbone option"),
     (["paths.coco=/no/such/coco"], "paths.coco=/no/such/coco"),
     (["data=synthetic", "backbone=vit_tiny", "backbone.weights=/no/such/file.pt"], "backbone.weights=/no/such/file.pt"),
     (["data=synthetic", "paths.weights=/no/such/cache"], "backbone.weights=random"),  # official weights, offline

@@ -17,9 +17,10 @@ from omegaconf import DictConfig
 
 import neco.config  # noqa: F401  (registers the training schema and resolvers the presets use)
 import neco.eval.config  # noqa: F401  (registers the evaluation schema)
-from neco.cli import exit_on_user_error
+from neco.cli import checked_command_line, exit_on_user_error
 
 
+@checked_command_line(neco.eval.config.EvalAppConfig)
 @hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     from neco.eval.runner import evaluate
