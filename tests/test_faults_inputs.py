@@ -166,7 +166,8 @@ def test_misspelt_key_is_refused_with_or_without_plus(tmp_path, override):
 @pytest.mark.parametrize("args,needles", [
     (["backbone=dinov2_vits16"], ["backbone=dinov2_vits16: no such backbone option", "did you mean dinov2_vits14"]),
     (["experiment=neco_dinov2r"], ["did you mean", "small/neco_dinov2r", "base/neco_dinov2r", "small/: ",
-                                   "base/: ", "ablations/: ablation_steepness_odd_even", "quickstart"]),
+                                   "base/: ", "ablations/: ablation_steepness_", "ablation_steepness_odd_even",
+                                   "quickstart"]),
     (["-m", "loss.student_steepness=10,100", "backbone=dinov2_vits14,dinov2_vits16"], ["did you mean dinov2_vits14"]),
 ])
 def test_training_command_line_mistakes(tmp_path, args, needles):
@@ -226,3 +227,16 @@ def test_schema_lookup_and_option_listing():
     assert unknown_option_message("experiment", "small/neco_dino") is None
     check_overrides(["hydra.run.dir=x", "hydra/launcher=basic", "~eval", "backbone@x=y", "experiment=null",
                      "data.global_scale=[0.3,1.0]", "optim.lr_backbone=1e-4"], TrainConfig)
+
+
+def test_protocol_option_typo_is_one_line_with_a_suggestion():
+    from neco.eval.context import typed_options
+    from neco.eval.hummingbird import HummingbirdOptions
+
+    with pytest.raises(ConfigError) as err:
+        typed_options(HummingbirdOptions, {"num_neigbours": 3}, protocol="hummingbird")
+    assert str(err.value) == ("invalid evaluation option eval.hummingbird.num_neigbours: unknown setting "
+                              "num_neigbours (did you mean num_neighbours?)")
+    with pytest.raises(ConfigError) as err:
+        typed_options(HummingbirdOptions, {"num_neighbours": "many"}, protocol="hummingbird")
+    assert "eval.hummingbird.num_neighbours" in str(err.value) and "\n" not in str(err.value)

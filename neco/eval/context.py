@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from neco.errors import ConfigError
 from neco.eval.features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
 from neco.eval.label_resize import CENTRE, LEGACY_NEAREST
+from neco.overrides import unknown_key_message
 
 
 @dataclass
@@ -103,7 +104,8 @@ def typed_options(schema: type, cfg: Mapping | None, dataset_name: str | None = 
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
         where = f"eval.{protocol}.{key}" if protocol else key
-        raise ConfigError(f"invalid evaluation option {where}: {err.msg if hasattr(err, 'msg') else err}") from err
+        reason = (key and unknown_key_message(schema, key)) or str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"invalid evaluation option {where}: {reason}") from err
     return OmegaConf.to_object(merged)
 
 
