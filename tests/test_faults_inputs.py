@@ -118,6 +118,16 @@ def test_non_utf8_file_name_is_logged_and_reported_safely(tmp_path, capsys):
     assert err.count("\n") == 1 and r"\xff\xfe name\n.jpg" in err
 
 
+def test_unknown_policy_or_dataset_name_is_a_user_error(capsys):
+    for kwargs in ({"name": "synthetic", "on_bad_image": "rasie"}, {"name": "coco+imagenet10"}):
+        with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
+            build_train_dataset(roots={}, **kwargs)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ")
+        assert ("data.on_bad_image='rasie'" in err) if "on_bad_image" in kwargs else ("'coco+imagenet10'" in err)
+
+
 # 2. Symbolic links -------------------------------------------------------------------------------------
 
 

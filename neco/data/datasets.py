@@ -13,6 +13,8 @@ from typing import NamedTuple, Union
 
 from torch.utils.data import ConcatDataset, Dataset
 
+from neco.errors import ConfigError
+
 from .images import (  # noqa: F401  (re-exported: the readers' public names)
     BAD_IMAGE_POLICIES,
     BadImageCounter,
@@ -302,7 +304,7 @@ def build_train_dataset(
     parts = [_ALIASES.get(p, p) for p in parts]
     unknown = [p for p in parts if p not in TRAIN_DATASETS]
     if not parts or unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown training dataset {name!r}: expected one of {', '.join(TRAIN_DATASETS)} "
             "or several joined by '+' (e.g. coco+imagenet100)"
         )

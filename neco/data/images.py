@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import ConcatDataset
 
-from neco.errors import UserError
+from neco.errors import ConfigError, UserError
 
 PathLike = Union[str, os.PathLike]
 T = TypeVar("T")
@@ -107,7 +107,7 @@ class BadImageCounter:
 
 def check_bad_image_policy(policy: str) -> str:
     if policy not in BAD_IMAGE_POLICIES:
-        raise ValueError(f"data.on_bad_image={policy!r}: choose skip (warn, count, use the next image) or raise")
+        raise ConfigError(f"data.on_bad_image={policy!r}: choose skip (warn, count, use the next image) or raise")
     return policy
 
 
