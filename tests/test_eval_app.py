@@ -83,7 +83,7 @@ def test_quick_protocol_on_a_training_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["data=synthetic", "backbone=vit_tiny", "backbone.weights=random", "eval=hummingbrd"], "eval=hummingbrd: no such"),
+        (["data=synthetic", "backbone=vit_tiny", "backbone.weights=random", "eval=hummingbrd"], "eval=hummingbrd:"),
         (["data=synthetic", "backbone=vit_tiny", "checkpoint=/no/such/last.pt"], "checkpoint=/no/such/last.pt"),
         (["data=voc", "backbone=vit_tiny", "backbone.weights=random", "paths.voc=/no/voc"], "paths.voc"),
     ],
