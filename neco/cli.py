@@ -7,13 +7,26 @@ import sys
 
 from omegaconf.errors import MissingMandatoryValue
 
-from neco.data.datasets import DatasetNotFound
-from neco.data.multicrop import CropSamplingError
 from neco.errors import UserError
-from neco.models.weights import WeightsError
 
 # Errors whose message already names the setting to change: printed as they are, without a traceback.
-USER_ERRORS = (UserError, WeightsError, DatasetNotFound, CropSamplingError)
+# Named by module so that importing this file does not import torch: `--help` and config errors must answer
+# before the heavy modules load, and an error class whose module was never imported cannot have been raised.
+_USER_ERROR_CLASSES = (
+    ("neco.models.weights", "WeightsError"),
+    ("neco.data.datasets", "DatasetNotFound"),
+    ("neco.data.multicrop", "CropSamplingError"),
+)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """UserError and the error classes of the already imported modules that report user mistakes."""
+    types: list[type[BaseException]] = [UserError]
+    for module, name in _USER_ERROR_CLASSES:
+        loaded = sys.modules.get(module)
+        if loaded is not None and hasattr(loaded, name):
+            types.append(getattr(loaded, name))
+    return tuple(types)
 
 
 @contextlib.contextmanager
@@ -28,6 +41,8 @@ def exit_on_user_error(context: str = " for this configuration", example: str = 
     except MissingMandatoryValue as err:
         print(f"error: {err.full_key} must be set{context} (e.g. {err.full_key}={example})", file=sys.stderr)
         sys.exit(2)
-    except USER_ERRORS as err:
+    except Exception as err:
+        if not isinstance(err, user_error_types()):
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -13,27 +13,16 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import neco.config  # noqa: F401  (registers the config schema and resolvers)
+import neco.help_texts  # noqa: F401  (the resolvers of `--help`)
 from neco.cli import exit_on_user_error
-from neco.engine import dist
-from neco.engine.checkpoint import find_checkpoint
-from neco.engine.log import MetricsLogger, environment_info
-from neco.engine.optim import build_optimizer, build_schedules, param_groups, select_trainable_blocks
-from neco.engine.setup import (
-    build_loader,
-    build_student_teacher,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-)
-from neco.engine.trainer import Trainer
 from neco.errors import UserError
-from neco.launch import DeferredRequeue
-from neco.loss.neco import NeCoLoss
+
+# torch and everything built on it are imported inside the functions: `--help`, `--cfg job` and config errors
+# answer before they load.
 
 log = logging.getLogger("neco")
 
@@ -60,6 +49,8 @@ def _quick_evaluator(cfg, run_dir: Path, device, amp_dtype):
 
 
 def _save_crops_figure(dataset, run_dir: Path) -> None:
+    import torch
+
     from neco.viz import save_crops_figure
 
     with torch.random.fork_rng():  # the figure must not shift the random stream the training run sees
@@ -69,6 +60,21 @@ def _save_crops_figure(dataset, run_dir: Path) -> None:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Build every component from `cfg`, resume if asked, and train. Returns the final step and loss."""
+    from neco.engine import dist
+    from neco.engine.checkpoint import find_checkpoint
+    from neco.engine.log import MetricsLogger, environment_info
+    from neco.engine.optim import build_optimizer, build_schedules, param_groups, select_trainable_blocks
+    from neco.engine.setup import (
+        build_loader,
+        build_student_teacher,
+        resolve_device,
+        resolve_precision,
+        seed_everything,
+    )
+    from neco.engine.trainer import Trainer
+    from neco.launch import DeferredRequeue
+    from neco.loss.neco import NeCoLoss
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -176,11 +182,13 @@ class _NoLogger:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    import torch
+
+    torch.set_float32_matmul_precision("high")
     with exit_on_user_error():
         result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     return result.get("loss", float("nan"))
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
     main()
