@@ -130,6 +130,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("%d images, %d steps/epoch x %d epochs, effective batch %d (%d x %d accumulated x %d "
              "processes), lr %s", len(dataset), steps_per_epoch, cfg.optim.epochs, effective_batch,
              cfg.data.batch_size, cfg.optim.accumulate, world, derived["lr"])
+    if cfg.max_steps is not None and cfg.max_steps < derived["total_steps"]:
+        log.info("this run stops after max_steps=%d optimizer steps (%d images); the schedules still span the "
+                 "%d steps above", cfg.max_steps, cfg.max_steps * effective_batch, derived["total_steps"])
 
     # The W&B id is stable across requeues (same run directory) and distinct for each job of a sweep.
     run_id = cfg.run_name if run_dir.name == cfg.run_name else f"{cfg.run_name}-{run_dir.name}"
