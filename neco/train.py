@@ -28,26 +28,6 @@ log = logging.getLogger("neco")
 
 
 
-def _quick_evaluator(cfg, run_dir: Path, device, amp_dtype):
-    """Before/after dense evaluation on the synthetic validation split (the quickstart's measure)."""
-    from neco.data.synthetic import SyntheticScenes
-    from neco.eval.quick import quick_evaluate
-
-    size, seed = cfg.data.synthetic_size, cfg.data.synthetic_seed
-    memory = SyntheticScenes("train", num_images=cfg.eval.train_images, image_size=size, seed=seed)
-    val = SyntheticScenes("val", num_images=cfg.eval.val_images, image_size=size, seed=seed)
-
-    def evaluate(backbone, tag: str) -> dict:
-        figure = run_dir / "figures" / f"segmentation_{tag}.png"
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        metrics = quick_evaluate(backbone, memory, val, cfg.eval.image_size, device, amp_dtype=amp_dtype,
-                                 figure_path=str(figure), figure_images=cfg.eval.num_figures,
-                                 progress=cfg.logger.progress)
-        return {k: v for k, v in metrics.items() if isinstance(v, float)}
-
-    return evaluate
-
-
 def _save_crops_figure(dataset, run_dir: Path) -> None:
     import torch
 
@@ -142,7 +122,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         raise UserError(f"eval.name={cfg.eval.name!r}: choose none, quick, kmeans_monitor or attn_monitor")
     evaluator = None
     if cfg.eval.name == "quick" and main_process:
-        evaluator = _quick_evaluator(cfg, run_dir, device, amp_dtype)
+        from neco.before_after import BeforeAfterEvaluator
+
+        evaluator = BeforeAfterEvaluator(cfg, run_dir, device, amp_dtype, student, teacher, objective)
     elif cfg.eval.name in ("kmeans_monitor", "attn_monitor") and main_process:
         from neco.eval.monitors import build_monitor
 
@@ -166,7 +148,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if main_process and (run_dir / "metrics.jsonl").is_file():
         from neco.viz import plot_metrics
 
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "figures" / "loss.png", keys=("loss",))
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "figures" / "loss.png", keys=("loss",),
+                     title=f"NeCo training loss, {cfg.run_name}")
+        if not result.get("stopped"):
+            from neco.summary import train_summary
+
+            print("\n" + train_summary(run_dir), flush=True)
     dist.shutdown()
     if result.get("stopped"):
         requeue.hand_over()  # submitit calls the job's checkpoint(), requeues it and exits this process

@@ -19,7 +19,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
 
 __all__ = [
     "denormalize",
@@ -29,6 +30,7 @@ __all__ = [
     "save_segmentation_figure",
     "save_feature_pca_figure",
     "plot_metrics",
+    "save_comparison_figure",
 ]
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -138,6 +140,12 @@ def save_crops_figure(
                     Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.2, ls="--", ec=_crop_color(other))
                 )
                 ax.text(x1 + 2, y1 + 2, str(other), color=_crop_color(other), fontsize=7, va="top")
+    legend = [Line2D([], [], color="black", lw=2.0, label="solid box on crop j, in global crop g's colour: the "
+                      "part of crop j that crop g also shows (the pair (j, g) is aligned there)")]
+    if gc_boxes is not None:
+        legend.append(Line2D([], [], color="black", lw=1.2, ls="--", label="dashed box n on a global crop, in "
+                             "local crop n's colour: where local crop n lies in it"))
+    fig.legend(handles=legend, loc="outside lower center", fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
@@ -150,11 +158,18 @@ def save_segmentation_figure(
     path,
     num_classes: int,
     ignore_index: int | None = 255,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> Path:
-    """Grid with one row per image: image | ground truth | one column per prediction (fixed palette)."""
+    """Grid with one row per image: image | ground truth | one column per prediction (fixed palette).
+
+    The column titles are the keys of ``predictions`` (put each method's score there); ``class_names`` adds a
+    legend of the class colours.
+    """
     n = len(images)
     cols = 2 + len(predictions)
-    fig = Figure(figsize=(2.0 * cols, 2.0 * n + 0.3), layout="constrained")
+    fig = Figure(figsize=(2.0 * cols, 2.0 * n + 0.3 + (0.5 if class_names else 0) + (0.3 if title else 0)),
+                 layout="constrained")
     axes = fig.subplots(n, cols, squeeze=False)
     titles = ["image", "ground truth", *predictions.keys()]
     for i in range(n):
@@ -165,6 +180,15 @@ def save_segmentation_figure(
             ax.axis("off")
             if i == 0:
                 ax.set_title(titles[c], fontsize=9)
+    if class_names:
+        palette = label_palette(num_classes) / 255.0
+        handles = [Patch(color=palette[i], label=name) for i, name in enumerate(class_names[:num_classes])]
+        if ignore_index is not None:
+            handles.append(Patch(color=np.asarray(_IGNORE_COLOR) / 255.0, label="ignored"))
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=7,
+                   frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -228,21 +252,65 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return steps, values
 
 
-def plot_metrics(metrics_jsonl_path, out_path, keys: Sequence[str] = ("loss",)) -> Path:
-    """Plot ``keys`` (a panel each) against ``step`` from a run's ``metrics.jsonl``, and ``lr`` if logged."""
+def smooth(values: Sequence[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing): the trend of a noisy curve."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def plot_metrics(metrics_jsonl_path, out_path, keys: Sequence[str] = ("loss",), title: str | None = None,
+                 smoothing: float = 0.8) -> Path:
+    """Plot ``keys`` (a panel each) against ``step`` from a run's ``metrics.jsonl``, and ``lr`` if logged.
+
+    Each curve is drawn raw (light) and smoothed (``smoothing``: the weight of the moving average, 0 = none).
+    """
     records = _read_jsonl(metrics_jsonl_path)
     panels = list(keys)
     if "lr" not in panels and _series(records, "lr")[0]:
         panels.append("lr")
-    fig = Figure(figsize=(5.0, 2.2 * len(panels) + 0.3), layout="constrained")
+    fig = Figure(figsize=(5.0, 2.2 * len(panels) + 0.3 + (0.3 if title else 0)), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
     for ax, key in zip(axes, panels, strict=True):
         steps, values = _series(records, key)
         if steps:
-            ax.plot(steps, values, lw=1.2)
+            if smoothing > 0 and len(values) > 2:
+                ax.plot(steps, values, lw=0.8, alpha=0.35, color="C0", label="logged")
+                ax.plot(steps, smooth(values, smoothing), lw=1.6, color="C0", label=f"smoothed (EMA {smoothing})")
+                ax.legend(fontsize=7, frameon=False)
+            else:
+                ax.plot(steps, values, lw=1.2)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("step")
+    axes[-1].set_xlabel("optimizer step")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path=out_path)
+
+
+def save_comparison_figure(columns: Mapping[str, Mapping[str, float]], path, percent=lambda metric: False) -> Path:
+    """One panel per metric: a bar per model (``columns``: {model label: {metric: value}}), value written on it."""
+    labels = list(columns)
+    metrics = list(dict.fromkeys(m for c in columns.values() for m in c))
+    ncols = min(4, max(1, len(metrics)))
+    nrows = max(1, math.ceil(len(metrics) / ncols))
+    fig = Figure(figsize=(3.0 * ncols, 2.4 * nrows + 0.5), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    colors = [_crop_color(i) for i in range(len(labels))]
+    for ax, metric in zip(axes, metrics):
+        scale = 100.0 if percent(metric) else 1.0
+        values = [columns[label].get(metric, float("nan")) * scale for label in labels]
+        bars = ax.bar(range(len(labels)), values, color=colors)
+        ax.bar_label(bars, fmt="%.1f" if scale == 100.0 else "%.3f", fontsize=7)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(metric + (" (%)" if scale == 100.0 else ""), fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.margins(y=0.15)
+    for ax in axes[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(" vs ".join(labels), fontsize=10)
+    return _save(fig, path)

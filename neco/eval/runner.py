@@ -165,10 +165,13 @@ def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
         log.info("%s on %s: %s (%.0f s)", name, cfg.data.name, summary, seconds)
         print(f"{name}: {summary}")
     _pca_figure(ctx, run_dir)
+    tables = []
     if cfg.append_table:
         csv_path, md_path = append_to_table(cfg.paths.results, records)
-        log.info("results appended to %s (and %s)", csv_path, md_path)
-    log.info("results: %s", run_dir / "results.json")
+        tables = [Path(csv_path), Path(md_path)]
+    from neco.summary import eval_summary
+
+    print("\n" + eval_summary(run_dir, records, tables), flush=True)
     return records
 
 
