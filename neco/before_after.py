@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger("neco")
 
-HELDOUT_IMAGES = 64
+HELDOUT_BATCHES = 4  # of data.batch_size images: 64 held-out images in the quickstart
 SIMILARITY_FIGURE_QUERIES = 4
 
 
@@ -32,8 +32,8 @@ class BeforeAfterEvaluator:
         self.memory = SyntheticScenes("train", num_images=cfg.eval.train_images, image_size=size, seed=seed)
         self.val = SyntheticScenes("val", num_images=cfg.eval.val_images, image_size=size, seed=seed)
         # Held-out crops: the validation scenes through the training transform, never seen in training.
-        held_out = SyntheticTrain(build_multicrop(cfg.data), split="val", num_images=HELDOUT_IMAGES,
-                                  image_size=size, seed=seed)
+        held_out = SyntheticTrain(build_multicrop(cfg.data), split="val",
+                                  num_images=HELDOUT_BATCHES * cfg.data.batch_size, image_size=size, seed=seed)
         self.heldout = HeldOutLoss(held_out, cfg.data.batch_size, cfg.data.num_global,
                                    use_teacher=cfg.loss.use_teacher, seed=cfg.seed)
         self.before_path = self.run_dir / "figures" / "similarity_before.pt"

@@ -34,23 +34,29 @@ NAMES = {
 }
 
 
-def _is_percent(metric: str) -> bool:
-    """mIoU and accuracies are stored as fractions and shown in %."""
+def fraction_in_percent(metric: str) -> bool:
+    """The quick check (training-time ``eval=quick``) stores mIoU and accuracies as fractions: shown in %.
+
+    The evaluation protocols (``python -m neco.eval``) store them in % already, and are shown as stored."""
     last = metric.rsplit("/", 1)[-1]
-    return last.startswith(("miou", "pixel_acc", "acc", "fg_jaccard")) and not last.endswith("_std")
+    return last in ("miou", "pixel_acc")
 
 
-def _fmt(metric: str, value) -> str:
+def _as_stored(metric: str) -> bool:
+    return False
+
+
+def _fmt(metric: str, value, percent=fraction_in_percent) -> str:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return "-"
-    return f"{100 * value:.1f}" if _is_percent(metric) else f"{value:.4f}"
+    return f"{100 * value:.1f}" if percent(metric) else f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}"
 
 
-def _change(metric: str, before, after) -> str:
+def _change(metric: str, before, after, percent=fraction_in_percent) -> str:
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (before, after)):
         return "-"
     d = after - before
-    return f"{100 * d:+.1f}" if _is_percent(metric) else f"{d:+.4f}"
+    return f"{100 * d:+.1f}" if percent(metric) else f"{d:+.4g}" if abs(d) < 1 else f"{d:+.2f}"
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -97,7 +103,8 @@ def eval_tables(records: Sequence[Mapping]) -> dict[str, dict[str, float]]:
     return tables
 
 
-def comparison_table(columns: Mapping[str, Mapping[str, float]], names: Mapping[str, str] = NAMES) -> list[str]:
+def comparison_table(columns: Mapping[str, Mapping[str, float]], names: Mapping[str, str] = NAMES,
+                     percent=fraction_in_percent) -> list[str]:
     """Markdown rows: one per metric, one column per model / state, and the change from the first to the last."""
     labels = list(columns)
     metrics = list(dict.fromkeys(m for c in columns.values() for m in c))
@@ -106,9 +113,9 @@ def comparison_table(columns: Mapping[str, Mapping[str, float]], names: Mapping[
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in metrics:
         values = [columns[label].get(m) for label in labels]
-        cells = [names.get(m, m), *(_fmt(m, v) for v in values)]
+        cells = [names.get(m, m), *(_fmt(m, v, percent) for v in values)]
         if len(labels) > 1:
-            cells.append(_change(m, values[0], values[-1]))
+            cells.append(_change(m, values[0], values[-1], percent))
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -173,8 +180,9 @@ def eval_summary(run_dir: str | Path, records: Sequence[Mapping], tables: Sequen
     for rec in records:
         for metric, value in rec.get("metrics", {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                lines.append(f"| {rec['protocol']} | {metric} | {_fmt(metric, value)} | {rec.get('seconds', '-')} |")
-    lines += ["", "mIoU and accuracies in %.", "", "## Where everything is", "",
+                lines.append(f"| {rec['protocol']} | {metric} | {_fmt(metric, value, _as_stored)} | "
+                             f"{rec.get('seconds', '-')} |")
+    lines += ["", "mIoU and accuracies in %. All values: results.json.", "", "## Where everything is", "",
               f"- run directory: {_rel(run_dir, cwd)}/",
               f"- results: {_rel(run_dir / 'results.json', cwd)} (options, per-class and per-seed values, versions)"]
     lines += [f"- results table (every evaluation so far): {_rel(Path(t), cwd)}" for t in tables]
@@ -201,8 +209,8 @@ def compare_runs(run_dirs: Sequence[str | Path], labels: Sequence[str], out_dir:
         columns[label] = results_columns(records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figure = save_comparison_figure(columns, out_dir / "comparison.png", percent=_is_percent)
-    lines = [f"# {' vs '.join(labels)}", ""] + comparison_table(columns, names={}) + [
+    figure = save_comparison_figure(columns, out_dir / "comparison.png")
+    lines = [f"# {' vs '.join(labels)}", ""] + comparison_table(columns, names={}, percent=_as_stored) + [
         "", "mIoU and accuracies in %; change = last column minus first.", ""]
     lines += [f"- {label}: {_rel(Path(d), None)}/results.json" for label, d in zip(labels, run_dirs)]
     lines.append(f"- figure: {_rel(figure, None)}")

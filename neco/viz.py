@@ -292,22 +292,25 @@ def plot_metrics(metrics_jsonl_path, out_path, keys: Sequence[str] = ("loss",), 
     return _save(fig, path=out_path)
 
 
-def save_comparison_figure(columns: Mapping[str, Mapping[str, float]], path, percent=lambda metric: False) -> Path:
-    """One panel per metric: a bar per model (``columns``: {model label: {metric: value}}), value written on it."""
+def save_comparison_figure(columns: Mapping[str, Mapping[str, float]], path, metrics: Sequence[str] | None = None
+                           ) -> Path:
+    """One panel per metric: a bar per model (``columns``: {model label: {metric: value}}), value written on it.
+
+    ``metrics``: which to show (default: every metric whose name ends in ``miou``, else all)."""
     labels = list(columns)
-    metrics = list(dict.fromkeys(m for c in columns.values() for m in c))
+    every = list(dict.fromkeys(m for c in columns.values() for m in c))
+    metrics = list(metrics) if metrics is not None else ([m for m in every if m.endswith("miou")] or every)
     ncols = min(4, max(1, len(metrics)))
     nrows = max(1, math.ceil(len(metrics) / ncols))
     fig = Figure(figsize=(3.0 * ncols, 2.4 * nrows + 0.5), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     colors = [_crop_color(i) for i in range(len(labels))]
     for ax, metric in zip(axes, metrics):
-        scale = 100.0 if percent(metric) else 1.0
-        values = [columns[label].get(metric, float("nan")) * scale for label in labels]
+        values = [columns[label].get(metric, float("nan")) for label in labels]
         bars = ax.bar(range(len(labels)), values, color=colors)
-        ax.bar_label(bars, fmt="%.1f" if scale == 100.0 else "%.3f", fontsize=7)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
-        ax.set_title(metric + (" (%)" if scale == 100.0 else ""), fontsize=8)
+        ax.set_title(metric, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
         ax.margins(y=0.15)
     for ax in axes[len(metrics):]:

@@ -86,9 +86,10 @@ def load_model(cfg: DictConfig) -> tuple[Backbone, str]:
     if not path.is_file():
         raise WeightsError(f"checkpoint={path}: no such file (a run's checkpoints are in "
                            "<run dir>/checkpoints/last.pt)")
-    model = build_backbone(bcfg.name, weights="random", strict=bcfg.strict)
     # This project's checkpoints hold {"student", "teacher"}; NeCo Lightning files "model." and "teacher.".
-    model.load_weights(path, strict=bcfg.strict, checkpoint_model=cfg.checkpoint_model)
+    # Built with the checkpoint directly, so the log names only the weights that are evaluated.
+    model = build_backbone(bcfg.name, weights=str(path.resolve()), strict=bcfg.strict,
+                           checkpoint_model=cfg.checkpoint_model)
     return model.eval(), _weights_key(bcfg.name, str(path), path, cfg.checkpoint_model)
 
 
