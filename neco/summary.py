@@ -49,14 +49,18 @@ def _as_stored(metric: str) -> bool:
 def _fmt(metric: str, value, percent=fraction_in_percent) -> str:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return "-"
-    return f"{100 * value:.1f}" if percent(metric) else f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}"
+    if percent(metric):
+        return f"{100 * value:.1f}"
+    return f"{value:.2f}" if percent is _as_stored else f"{value:.4f}"
 
 
 def _change(metric: str, before, after, percent=fraction_in_percent) -> str:
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (before, after)):
         return "-"
     d = after - before
-    return f"{100 * d:+.1f}" if percent(metric) else f"{d:+.4g}" if abs(d) < 1 else f"{d:+.2f}"
+    if percent(metric):
+        return f"{100 * d:+.1f}"
+    return f"{d:+.2f}" if percent is _as_stored else f"{d:+.4f}"
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -108,7 +112,8 @@ def comparison_table(columns: Mapping[str, Mapping[str, float]], names: Mapping[
     """Markdown rows: one per metric, one column per model / state, and the change from the first to the last."""
     labels = list(columns)
     metrics = list(dict.fromkeys(m for c in columns.values() for m in c))
-    metrics.sort(key=lambda m: list(names).index(m) if m in names else len(names))
+    # The named metrics in their order, then the mIoUs, then the rest (a stable sort keeps each protocol's order).
+    metrics.sort(key=lambda m: list(names).index(m) if m in names else len(names) + (not m.endswith("miou")))
     head = ["metric", *labels] + (["change"] if len(labels) > 1 else [])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in metrics:

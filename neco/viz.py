@@ -294,7 +294,8 @@ def plot_metrics(metrics_jsonl_path, out_path, keys: Sequence[str] = ("loss",), 
 
 def save_comparison_figure(columns: Mapping[str, Mapping[str, float]], path, metrics: Sequence[str] | None = None
                            ) -> Path:
-    """One panel per metric: a bar per model (``columns``: {model label: {metric: value}}), value written on it.
+    """One panel per metric: a bar per model (``columns``: {model label: {metric: value}}), value written on it,
+    with the spread over seeds (``<metric>_std``) as an error bar where recorded.
 
     ``metrics``: which to show (default: every metric whose name ends in ``miou``, else all)."""
     labels = list(columns)
@@ -307,7 +308,8 @@ def save_comparison_figure(columns: Mapping[str, Mapping[str, float]], path, met
     colors = [_crop_color(i) for i in range(len(labels))]
     for ax, metric in zip(axes, metrics):
         values = [columns[label].get(metric, float("nan")) for label in labels]
-        bars = ax.bar(range(len(labels)), values, color=colors)
+        spread = [columns[label].get(f"{metric}_std", 0.0) for label in labels]  # over seeds, where recorded
+        bars = ax.bar(range(len(labels)), values, color=colors, yerr=spread if any(spread) else None, capsize=3)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
         ax.set_title(metric, fontsize=8)
