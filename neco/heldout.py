@@ -15,6 +15,8 @@ import copy
 import torch
 from torch.utils.data import DataLoader
 
+from neco.loss.masks import attention_foreground
+
 
 class HeldOutLoss:
     """Mean NeCo loss of ``(student, teacher)`` over ``num_images`` held-out images, in batches of ``batch_size``.
@@ -22,9 +24,10 @@ class HeldOutLoss:
     ``dataset`` yields ``(crops, boxes)`` as the training dataset does (the multi-crop transform applied).
     """
 
-    def __init__(self, dataset, batch_size: int, num_global: int, use_teacher: bool = True, seed: int = 0):
+    def __init__(self, dataset, batch_size: int, num_global: int, use_teacher: bool = True, seed: int = 0,
+                 masked: bool = False):
         self.dataset, self.batch_size, self.num_global = dataset, batch_size, num_global
-        self.use_teacher, self.seed = use_teacher, seed
+        self.use_teacher, self.seed, self.masked = use_teacher, seed, masked
 
     def _batches(self):
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, drop_last=True, num_workers=0)
@@ -47,9 +50,15 @@ class HeldOutLoss:
                     boxes = {k: v.to(device) for k, v in boxes.items()}
                     with autocast:
                         student_maps = student(crops)
-                        teacher_maps = (teacher(crops[: self.num_global]) if self.use_teacher
-                                        else student_maps[: self.num_global])
-                    total += float(objective(student_maps, teacher_maps, boxes))
+                        out = (teacher(crops[: self.num_global], with_attention=self.masked) if self.use_teacher
+                               else student_maps[: self.num_global])
+                    # As in training (neco.engine.trainer): loss.mask=fg|bg weighs cells by the teacher's attention.
+                    teacher_maps, fg = out, None
+                    if self.masked and self.use_teacher:
+                        teacher_maps, attention = out
+                        fg = attention_foreground(torch.cat(attention)).view(
+                            self.num_global, crops[0].shape[0], 1, *attention[0].shape[-2:])
+                    total += float(objective(student_maps, teacher_maps, boxes, fg))
                     count += 1
         finally:
             student.train(modes[0])

@@ -93,7 +93,7 @@ def save_similarity_figure(images, labels: torch.Tensor, queries: Sequence[Query
         box = Rectangle((q.col * patch_size, q.row * patch_size), patch_size, patch_size, fill=False, lw=2, ec="red")
         axes[r, 0].imshow(image)
         axes[r, 0].add_patch(box)
-        axes[r, 0].set_title(f"query (red): {class_names[q.label]}", fontsize=9)
+        axes[r, 0].set_title(f"query: {class_names[q.label]}", fontsize=9)
         lab = labels[q.image]
         axes[r, 1].imshow(colorize_labels(lab, num_classes, ignore_index), interpolation="nearest")
         axes[r, 1].add_patch(Rectangle((q.col - 0.5, q.row - 0.5), 1, 1, fill=False, lw=2, ec="red"))
