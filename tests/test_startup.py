@@ -44,3 +44,25 @@ def test_debug_fast_logs_the_steps_that_will_run(tmp_path):
     log = proc.stdout + proc.stderr
     assert "4 steps/epoch x 1 epochs" in log
     assert "stops after max_steps=2 optimizer steps (8 images); the schedules still span the 4 steps" in log
+
+
+def test_evaluating_a_checkpoint_logs_only_the_weights_it_loads(tmp_path, caplog):
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    import neco.eval.config  # noqa: F401
+    from neco.eval.runner import load_model
+    from neco.models.backbone import build_backbone
+
+    source = build_backbone("vit_tiny", weights="random")
+    torch.save({"student": {f"backbone.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "last.pt")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["experiment=quickstart", "data=synthetic", "eval=quick",
+                                             f"checkpoint={tmp_path / 'last.pt'}"])
+    with caplog.at_level(logging.INFO, logger="neco"):
+        model, _ = load_model(cfg)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("random initialisation" in m for m in messages), messages
+    assert any(f"from {tmp_path / 'last.pt'}" in m for m in messages), messages
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor)
