@@ -26,7 +26,9 @@ def execute(notebook: str | Path, cwd: str | Path, out_dir: str | Path | None = 
     if not path.is_file():
         path = NOTEBOOKS / path
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    # The kernel warns on every start that its local TCP link is unencrypted: noise for a local run.
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
+                   extra_arguments=["--IPKernelApp.log_level=ERROR"]).execute()
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, Path(out_dir) / path.name)
@@ -43,14 +45,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out) if args.out else cwd / "outputs" / "notebooks"
     names = args.names or sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
     try:
-        import nbclient  # noqa: F401
+        from nbclient.exceptions import CellExecutionError
     except ImportError:
         print("error: running the notebooks needs the dev extra: pip install -e '.[dev]'", file=sys.stderr)
         sys.exit(2)
+    failed = []
     for name in names:
         print(f"running {name} (from {cwd})", flush=True)
-        execute(name, cwd, out)
+        try:
+            execute(name, cwd, out)
+        except CellExecutionError as err:  # the notebook's own message (e.g. no results yet), not nbclient's trace
+            print(f"error: {name}: {err.ename}: {err.evalue}", file=sys.stderr)
+            failed.append(name)
+            continue
         print(f"  wrote {out / Path(name).name}")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

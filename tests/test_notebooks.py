@@ -51,3 +51,20 @@ def test_feature_tour_notebook_from_the_repository_root(tmp_path, quiet_env):
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                  if "image/png" in o.get("data", {}))
     assert images == 3  # crops, neighbour ordering, retrieval maps
+
+
+@pytest.mark.slow
+def test_make_notebooks_names_a_failing_notebook_in_one_line(tmp_path, quiet_env):
+    import subprocess
+    import sys
+
+    project = tmp_path / "project"  # no evaluation has run yet: no results table
+    (project / "conf").mkdir(parents=True)
+    (project / "conf" / "train.yaml").write_text("defaults: []\n")
+    proc = subprocess.run([sys.executable, "-m", "neco.notebooks", "results.ipynb", "--cwd", str(project),
+                           "--out", str(tmp_path / "executed")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    expected = project / "outputs" / "results" / "results.csv"
+    assert proc.stderr.strip().splitlines() == [
+        f"error: results.ipynb: FileNotFoundError: {expected}: no results yet; run `python -m neco.eval ...` first "
+        "or set NECO_RESULTS_CSV"]
