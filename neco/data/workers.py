@@ -6,7 +6,7 @@ import logging
 import os
 
 log = logging.getLogger("neco")
-_reported: set[tuple[int, int]] = set()
+_reported: set[tuple[str, int, int]] = set()
 
 
 def available_cpus() -> int:
@@ -17,8 +17,10 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def cap_workers(requested: int) -> int:
+def cap_workers(requested: int, key: str = "data.num_workers") -> int:
     """``requested`` loader processes, at most one per available CPU; the cap is logged once per value.
+
+    ``key``: the setting the log line names (``num_workers`` for ``python -m neco.eval``).
 
     More workers than CPUs only adds contention (and PyTorch warns about it). The cap is logged because the
     random crops a worker draws depend on how many workers share the stream.
@@ -26,8 +28,8 @@ def cap_workers(requested: int) -> int:
     cpus = available_cpus()
     if requested <= cpus:
         return requested
-    if (requested, cpus) not in _reported:
-        _reported.add((requested, cpus))
-        log.info("data.num_workers=%d capped at %d: the CPUs available to this process (set data.num_workers "
-                 "to at most %d to silence this)", requested, cpus, cpus)
+    if (key, requested, cpus) not in _reported:
+        _reported.add((key, requested, cpus))
+        log.info("%s=%d capped at %d: the CPUs available to this process (set %s to at most %d to silence "
+                 "this)", key, requested, cpus, key, cpus)
     return cpus

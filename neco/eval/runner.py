@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from neco.config import EvalConfig
+from neco.data.workers import cap_workers
 from neco.engine.log import environment_info
 from neco.engine.setup import resolve_device, resolve_precision, seed_everything
 from neco.errors import ConfigError
@@ -134,7 +135,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
     model.to(device).requires_grad_(False)
     progress = bool(cfg.logger.progress)
     # More loader processes than cores only adds contention; results do not depend on the number.
-    num_workers = min(cfg.num_workers, os.cpu_count() or 1)
+    num_workers = cap_workers(cfg.num_workers, key="num_workers")
     extractor = FeatureExtractor(model, device=device, amp_dtype=amp_dtype, batch_size=cfg.batch_size,
                                  num_workers=num_workers, model_key=model_key, progress=progress,
                                  cache_dir=cfg.cache_dir if cfg.cache_features else None)
