@@ -37,6 +37,7 @@ _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 _IGNORE_COLOR = (0, 0, 0)
 _OUT_OF_RANGE_COLOR = (128, 128, 128)
+_MAX_LEGEND = 40  # classes listed under a segmentation figure (those that appear in it, lowest ids first)
 # Distinct, fixed colours for the crops (matplotlib's "tab10"; index = crop id).
 _CROP_COLORS = [to_hex(c) for c in colormaps["tab10"].colors]
 
@@ -151,6 +152,16 @@ def save_crops_figure(
     return _save(fig, path)
 
 
+def classes_shown(label_maps, num_classes: int, ignore_index: int | None = 255,
+                  limit: int = _MAX_LEGEND) -> tuple[list[int], bool]:
+    """The class ids (at most ``limit``, lowest first) that appear in ``label_maps``, and whether ignore does."""
+    shown = set()
+    for labels in label_maps:
+        shown.update(torch.unique(torch.as_tensor(labels).detach().cpu()).tolist())
+    classes = sorted(c for c in shown if 0 <= c < num_classes and c != ignore_index)[:limit]
+    return classes, ignore_index is not None and ignore_index in shown
+
+
 def save_segmentation_figure(
     images,
     masks,
@@ -163,13 +174,12 @@ def save_segmentation_figure(
 ) -> Path:
     """Grid with one row per image: image | ground truth | one column per prediction (fixed palette).
 
-    The column titles are the keys of ``predictions`` (put each method's score there); ``class_names`` adds a
-    legend of the class colours.
+    The column titles are the keys of ``predictions`` (put each method's score there). A legend gives the colour
+    of every class that appears in the figure, by name with ``class_names`` (else by id).
     """
     n = len(images)
     cols = 2 + len(predictions)
-    fig = Figure(figsize=(2.0 * cols, 2.0 * n + 0.3 + (0.5 if class_names else 0) + (0.3 if title else 0)),
-                 layout="constrained")
+    fig = Figure(figsize=(2.0 * cols, 2.0 * n + 0.8 + (0.3 if title else 0)), layout="constrained")
     axes = fig.subplots(n, cols, squeeze=False)
     titles = ["image", "ground truth", *predictions.keys()]
     for i in range(n):
@@ -180,11 +190,13 @@ def save_segmentation_figure(
             ax.axis("off")
             if i == 0:
                 ax.set_title(titles[c], fontsize=9)
-    if class_names:
-        palette = label_palette(num_classes) / 255.0
-        handles = [Patch(color=palette[i], label=name) for i, name in enumerate(class_names[:num_classes])]
-        if ignore_index is not None:
-            handles.append(Patch(color=np.asarray(_IGNORE_COLOR) / 255.0, label="ignored"))
+    maps = [*masks[:n], *(p[i] for p in predictions.values() for i in range(n))]
+    classes, ignored = classes_shown(maps, num_classes, ignore_index)
+    palette = label_palette(num_classes) / 255.0
+    handles = [Patch(color=palette[c], label=class_names[c] if class_names else f"class {c}") for c in classes]
+    if ignored:
+        handles.append(Patch(color=np.asarray(_IGNORE_COLOR) / 255.0, label="ignored"))
+    if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=7,
                    frameon=False)
     if title:
