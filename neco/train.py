@@ -27,7 +27,6 @@ from neco.errors import UserError
 log = logging.getLogger("neco")
 
 
-
 def _save_crops_figure(dataset, run_dir: Path) -> None:
     import torch
 
