@@ -10,7 +10,7 @@ TORCH ?= torch torchvision
 endif
 RUN_STAMP := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help install quickstart eval-quickstart starter test test-all lint clean
+.PHONY: help install quickstart eval-quickstart starter test test-all notebooks lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -31,12 +31,21 @@ $(VENV)/.installed: pyproject.toml
 quickstart: install ## post-train a small ViT with NeCo on synthetic scenes (CPU, a few minutes) and evaluate it
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m neco.train experiment=quickstart run_name=quickstart-$(RUN_STAMP)
 
-eval-quickstart: install ## evaluate the newest quickstart run: overclustering, Hummingbird, linear (CPU, ~1 min)
-	@ck=$$(ls -t outputs/runs/quickstart*/checkpoints/last.pt 2>/dev/null | head -n 1); \
+# Both the starter and the post-trained checkpoint, with the same protocols, then one table and one figure.
+# QUICKSTART_CKPT=<path> picks another checkpoint than the newest quickstart run's.
+QUICKSTART_CKPT ?=
+eval-quickstart: install ## evaluate the starter and the newest quickstart run (overclustering, Hummingbird, linear) and compare them (CPU, ~5 min)
+	@ck="$(QUICKSTART_CKPT)"; [ -n "$$ck" ] || ck=$$(ls -t outputs/runs/quickstart*/checkpoints/last.pt 2>/dev/null | head -n 1); \
 	if [ -z "$$ck" ]; then echo "no quickstart run in outputs/runs/: run make quickstart first"; exit 2; fi; \
-	echo "evaluating $$ck"; \
+	out=outputs/eval/quickstart_comparison/$(RUN_STAMP); \
+	protocols="eval=[overcluster,hummingbird,linear]"; \
+	echo "1/2 the starter checkpoint (neco/assets/vit_tiny_synthetic.pt)"; \
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m neco.eval experiment=quickstart data=synthetic \
-		'eval=[overcluster,hummingbird,linear]' checkpoint=$$ck
+		"$$protocols" hydra.run.dir=$$out/starter || exit $$?; \
+	echo "2/2 after NeCo: $$ck"; \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m neco.eval experiment=quickstart data=synthetic \
+		"$$protocols" checkpoint=$$ck hydra.run.dir=$$out/after_neco || exit $$?; \
+	$(BIN)/python -m neco.summary compare $$out/starter $$out/after_neco --labels starter "after NeCo" --out $$out
 
 starter: install ## regenerate the quickstart's starting checkpoint (neco/assets/vit_tiny_synthetic.pt)
 	$(BIN)/python -m neco.starter
@@ -46,6 +55,9 @@ test: install ## run the default test suite (CPU; no GPU, SLURM or multi-process
 
 test-all: install ## the default suite plus the slurm and ddp tests (needs launchers/local_slurm.sh start)
 	$(BIN)/python -m pytest -q -m "slurm or ddp or not gpu"
+
+notebooks: install ## execute notebooks/*.ipynb from the repository root; executed copies in outputs/notebooks/
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m neco.notebooks
 
 lint: install ## ruff
 	$(BIN)/ruff check neco tests launchers

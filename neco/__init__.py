@@ -8,6 +8,13 @@
 ``import neco`` (and every ``python -m neco.*`` entry point) does not pay for torch and timm up front.
 """
 
+import logging
+
+# faiss's loader logs at INFO each instruction set it tries ("Could not load library with AVX2 support" on a
+# CPU build without it, then the generic build loads and works): with the entry points' INFO logging that is a
+# scary line on every run. Its errors still show. Set here, before any neco module imports faiss.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
 __version__ = "0.1.0"
 __all__ = ["extract_features", "load_backbone"]
 

@@ -10,14 +10,27 @@ import sys
 from hydra._internal.utils import get_args_parser
 from omegaconf.errors import MissingMandatoryValue
 
-from neco.data.datasets import DatasetNotFound
-from neco.data.multicrop import CropSamplingError
 from neco.errors import UserError
-from neco.models.weights import WeightsError
 from neco.overrides import check_overrides
 
 # Errors whose message already names the setting to change: printed as they are, without a traceback.
-USER_ERRORS = (UserError, WeightsError, DatasetNotFound, CropSamplingError)
+# Named by module so that importing this file does not import torch: `--help` and config errors must answer
+# before the heavy modules load, and an error class whose module was never imported cannot have been raised.
+_USER_ERROR_CLASSES = (
+    ("neco.models.weights", "WeightsError"),
+    ("neco.data.datasets", "DatasetNotFound"),
+    ("neco.data.multicrop", "CropSamplingError"),
+)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """UserError and the error classes of the already imported modules that report user mistakes."""
+    types: list[type[BaseException]] = [UserError]
+    for module, name in _USER_ERROR_CLASSES:
+        loaded = sys.modules.get(module)
+        if loaded is not None and hasattr(loaded, name):
+            types.append(getattr(loaded, name))
+    return tuple(types)
 
 
 @contextlib.contextmanager
@@ -32,7 +45,9 @@ def exit_on_user_error(context: str = " for this configuration", example: str = 
     except MissingMandatoryValue as err:
         print(f"error: {err.full_key} must be set{context} (e.g. {err.full_key}={example})", file=sys.stderr)
         sys.exit(2)
-    except USER_ERRORS as err:
+    except Exception as err:
+        if not isinstance(err, user_error_types()):
+            raise
         print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
 

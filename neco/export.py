@@ -26,6 +26,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+import neco.help_texts  # noqa: F401  (the resolvers of `--help`)
 from neco.cli import checked_command_line, exit_on_user_error
 from neco.config import ExportConfig
 from neco.errors import ConfigError

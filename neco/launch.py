@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
+        from neco.help_texts import launch_help
+
+        print(launch_help())
         return
     wait = "--wait" in args
     try:

@@ -13,54 +13,24 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import neco.config  # noqa: F401  (registers the config schema and resolvers)
+import neco.help_texts  # noqa: F401  (the resolvers of `--help`)
 from neco.cli import checked_command_line, exit_on_user_error
 from neco.config import REFERENCE_OPTIONS
-from neco.engine import dist
-from neco.engine.checkpoint import find_checkpoint
-from neco.engine.log import MetricsLogger, environment_info
-from neco.engine.optim import build_optimizer, build_schedules, param_groups, select_trainable_blocks
-from neco.engine.setup import (
-    build_loader,
-    build_student_teacher,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-)
-from neco.engine.trainer import Trainer
 from neco.errors import UserError
-from neco.launch import DeferredRequeue
-from neco.loss.neco import NeCoLoss
+
+# torch and everything built on it are imported inside the functions: `--help`, `--cfg job` and config errors
+# answer before they load.
 
 log = logging.getLogger("neco")
 
 
-
-def _quick_evaluator(cfg, run_dir: Path, device, amp_dtype):
-    """Before/after dense evaluation on the synthetic validation split (the quickstart's measure)."""
-    from neco.data.synthetic import SyntheticScenes
-    from neco.eval.quick import quick_evaluate
-
-    size, seed = cfg.data.synthetic_size, cfg.data.synthetic_seed
-    memory = SyntheticScenes("train", num_images=cfg.eval.train_images, image_size=size, seed=seed)
-    val = SyntheticScenes("val", num_images=cfg.eval.val_images, image_size=size, seed=seed)
-
-    def evaluate(backbone, tag: str) -> dict:
-        figure = run_dir / "figures" / f"segmentation_{tag}.png"
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        metrics = quick_evaluate(backbone, memory, val, cfg.eval.image_size, device, amp_dtype=amp_dtype,
-                                 figure_path=str(figure), figure_images=cfg.eval.num_figures,
-                                 progress=cfg.logger.progress)
-        return {k: v for k, v in metrics.items() if isinstance(v, float)}
-
-    return evaluate
-
-
 def _save_crops_figure(dataset, run_dir: Path) -> None:
+    import torch
+
     from neco.viz import save_crops_figure
 
     with torch.random.fork_rng():  # the figure must not shift the random stream the training run sees
@@ -70,6 +40,21 @@ def _save_crops_figure(dataset, run_dir: Path) -> None:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Build every component from `cfg`, resume if asked, and train. Returns the final step and loss."""
+    from neco.engine import dist
+    from neco.engine.checkpoint import find_checkpoint
+    from neco.engine.log import MetricsLogger, environment_info
+    from neco.engine.optim import build_optimizer, build_schedules, param_groups, select_trainable_blocks
+    from neco.engine.setup import (
+        build_loader,
+        build_student_teacher,
+        resolve_device,
+        resolve_precision,
+        seed_everything,
+    )
+    from neco.engine.trainer import Trainer
+    from neco.launch import DeferredRequeue
+    from neco.loss.neco import NeCoLoss
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -126,6 +111,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("%d images, %d steps/epoch x %d epochs, effective batch %d (%d x %d accumulated x %d "
              "processes), lr %s", len(dataset), steps_per_epoch, cfg.optim.epochs, effective_batch,
              cfg.data.batch_size, cfg.optim.accumulate, world, derived["lr"])
+    if cfg.max_steps is not None and cfg.max_steps < derived["total_steps"]:
+        log.info("this run stops after max_steps=%d optimizer steps (%d images); the schedules still span the "
+                 "%d steps above", cfg.max_steps, cfg.max_steps * effective_batch, derived["total_steps"])
 
     # The W&B id is stable across requeues (same run directory) and distinct for each job of a sweep.
     run_id = cfg.run_name if run_dir.name == cfg.run_name else f"{cfg.run_name}-{run_dir.name}"
@@ -135,7 +123,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         raise UserError(f"eval.name={cfg.eval.name!r}: choose none, quick, kmeans_monitor or attn_monitor")
     evaluator = None
     if cfg.eval.name == "quick" and main_process:
-        evaluator = _quick_evaluator(cfg, run_dir, device, amp_dtype)
+        from neco.before_after import BeforeAfterEvaluator
+
+        evaluator = BeforeAfterEvaluator(cfg, run_dir, device, amp_dtype, student, teacher, objective)
     elif cfg.eval.name in ("kmeans_monitor", "attn_monitor") and main_process:
         from neco.eval.monitors import build_monitor
 
@@ -159,7 +149,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if main_process and (run_dir / "metrics.jsonl").is_file():
         from neco.viz import plot_metrics
 
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "figures" / "loss.png", keys=("loss",))
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "figures" / "loss.png", keys=("loss",),
+                     title=f"NeCo training loss, {cfg.run_name}")
+        if not result.get("stopped"):
+            from neco.summary import train_summary
+
+            print("\n" + train_summary(run_dir), flush=True)
     dist.shutdown()
     if result.get("stopped"):
         requeue.hand_over()  # submitit calls the job's checkpoint(), requeues it and exits this process
@@ -179,11 +174,13 @@ class _NoLogger:
 @checked_command_line(neco.config.TrainConfig)
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    import torch
+
+    torch.set_float32_matmul_precision("high")
     with exit_on_user_error():
         result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     return result.get("loss", float("nan"))
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
     main()

@@ -19,7 +19,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
 
 __all__ = [
     "denormalize",
@@ -29,12 +30,14 @@ __all__ = [
     "save_segmentation_figure",
     "save_feature_pca_figure",
     "plot_metrics",
+    "save_comparison_figure",
 ]
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 _IGNORE_COLOR = (0, 0, 0)
 _OUT_OF_RANGE_COLOR = (128, 128, 128)
+_MAX_LEGEND = 40  # classes listed under a segmentation figure (those that appear in it, lowest ids first)
 # Distinct, fixed colours for the crops (matplotlib's "tab10"; index = crop id).
 _CROP_COLORS = [to_hex(c) for c in colormaps["tab10"].colors]
 
@@ -138,9 +141,25 @@ def save_crops_figure(
                     Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.2, ls="--", ec=_crop_color(other))
                 )
                 ax.text(x1 + 2, y1 + 2, str(other), color=_crop_color(other), fontsize=7, va="top")
+    legend = [Line2D([], [], color="black", lw=2.0, label="solid box on crop j, in global crop g's colour: the "
+                      "part of crop j that crop g also shows (the pair (j, g) is aligned there)")]
+    if gc_boxes is not None:
+        legend.append(Line2D([], [], color="black", lw=1.2, ls="--", label="dashed box n on a global crop, in "
+                             "local crop n's colour: where local crop n lies in it"))
+    fig.legend(handles=legend, loc="outside lower center", fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def classes_shown(label_maps, num_classes: int, ignore_index: int | None = 255,
+                  limit: int = _MAX_LEGEND) -> tuple[list[int], bool]:
+    """The class ids (at most ``limit``, lowest first) that appear in ``label_maps``, and whether ignore does."""
+    shown = set()
+    for labels in label_maps:
+        shown.update(torch.unique(torch.as_tensor(labels).detach().cpu()).tolist())
+    classes = sorted(c for c in shown if 0 <= c < num_classes and c != ignore_index)[:limit]
+    return classes, ignore_index is not None and ignore_index in shown
 
 
 def save_segmentation_figure(
@@ -150,11 +169,17 @@ def save_segmentation_figure(
     path,
     num_classes: int,
     ignore_index: int | None = 255,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> Path:
-    """Grid with one row per image: image | ground truth | one column per prediction (fixed palette)."""
+    """Grid with one row per image: image | ground truth | one column per prediction (fixed palette).
+
+    The column titles are the keys of ``predictions`` (put each method's score there). A legend gives the colour
+    of every class that appears in the figure, by name with ``class_names`` (else by id).
+    """
     n = len(images)
     cols = 2 + len(predictions)
-    fig = Figure(figsize=(2.0 * cols, 2.0 * n + 0.3), layout="constrained")
+    fig = Figure(figsize=(2.0 * cols, 2.0 * n + 0.8 + (0.3 if title else 0)), layout="constrained")
     axes = fig.subplots(n, cols, squeeze=False)
     titles = ["image", "ground truth", *predictions.keys()]
     for i in range(n):
@@ -165,6 +190,17 @@ def save_segmentation_figure(
             ax.axis("off")
             if i == 0:
                 ax.set_title(titles[c], fontsize=9)
+    maps = [*masks[:n], *(p[i] for p in predictions.values() for i in range(n))]
+    classes, ignored = classes_shown(maps, num_classes, ignore_index)
+    palette = label_palette(num_classes) / 255.0
+    handles = [Patch(color=palette[c], label=class_names[c] if class_names else f"class {c}") for c in classes]
+    if ignored:
+        handles.append(Patch(color=np.asarray(_IGNORE_COLOR) / 255.0, label="ignored"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=7,
+                   frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -228,21 +264,70 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return steps, values
 
 
-def plot_metrics(metrics_jsonl_path, out_path, keys: Sequence[str] = ("loss",)) -> Path:
-    """Plot ``keys`` (a panel each) against ``step`` from a run's ``metrics.jsonl``, and ``lr`` if logged."""
+def smooth(values: Sequence[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing): the trend of a noisy curve."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def plot_metrics(metrics_jsonl_path, out_path, keys: Sequence[str] = ("loss",), title: str | None = None,
+                 smoothing: float = 0.8) -> Path:
+    """Plot ``keys`` (a panel each) against ``step`` from a run's ``metrics.jsonl``, and ``lr`` if logged.
+
+    Each curve is drawn raw (light) and smoothed (``smoothing``: the weight of the moving average, 0 = none).
+    """
     records = _read_jsonl(metrics_jsonl_path)
     panels = list(keys)
     if "lr" not in panels and _series(records, "lr")[0]:
         panels.append("lr")
-    fig = Figure(figsize=(5.0, 2.2 * len(panels) + 0.3), layout="constrained")
+    fig = Figure(figsize=(5.0, 2.2 * len(panels) + 0.3 + (0.3 if title else 0)), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
     for ax, key in zip(axes, panels, strict=True):
         steps, values = _series(records, key)
         if steps:
-            ax.plot(steps, values, lw=1.2)
+            if smoothing > 0 and len(values) > 2:
+                ax.plot(steps, values, lw=0.8, alpha=0.35, color="C0", label="logged")
+                ax.plot(steps, smooth(values, smoothing), lw=1.6, color="C0", label=f"smoothed (EMA {smoothing})")
+                ax.legend(fontsize=7, frameon=False)
+            else:
+                ax.plot(steps, values, lw=1.2)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("step")
+    axes[-1].set_xlabel("optimizer step")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path=out_path)
+
+
+def save_comparison_figure(columns: Mapping[str, Mapping[str, float]], path, metrics: Sequence[str] | None = None
+                           ) -> Path:
+    """One panel per metric: a bar per model (``columns``: {model label: {metric: value}}), value written on it,
+    with the spread over seeds (``<metric>_std``) as an error bar where recorded.
+
+    ``metrics``: which to show (default: every metric whose name ends in ``miou``, else all)."""
+    labels = list(columns)
+    every = list(dict.fromkeys(m for c in columns.values() for m in c))
+    metrics = list(metrics) if metrics is not None else ([m for m in every if m.endswith("miou")] or every)
+    ncols = min(4, max(1, len(metrics)))
+    nrows = max(1, math.ceil(len(metrics) / ncols))
+    fig = Figure(figsize=(3.0 * ncols, 2.4 * nrows + 0.5), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    colors = [_crop_color(i) for i in range(len(labels))]
+    for ax, metric in zip(axes, metrics):
+        values = [columns[label].get(metric, float("nan")) for label in labels]
+        spread = [columns[label].get(f"{metric}_std", 0.0) for label in labels]  # over seeds, where recorded
+        bars = ax.bar(range(len(labels)), values, color=colors, yerr=spread if any(spread) else None, capsize=3)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(metric, fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.margins(y=0.15)
+    for ax in axes[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(" vs ".join(labels), fontsize=10)
+    return _save(fig, path)

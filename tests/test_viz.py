@@ -95,3 +95,21 @@ def test_plot_metrics(tmp_path):
     w1, h1 = _png_size(plot_metrics(log, tmp_path / "loss.png"))
     w2, h2 = _png_size(plot_metrics(log, tmp_path / "loss2.png", keys=("loss", "val/miou", "missing")))
     assert h2 > h1 and w1 == w2
+
+
+def test_segmentation_legend_lists_the_classes_that_appear():
+    from neco.viz import classes_shown
+
+    mask = torch.tensor([[0, 3], [255, 3]])
+    pred = torch.tensor([[7, 1], [1, 99]])  # 99: out of range, drawn grey, not a class
+    assert classes_shown([mask, pred], num_classes=10) == ([0, 1, 3, 7], True)
+    assert classes_shown([pred], num_classes=10) == ([1, 7], False)
+    assert classes_shown([mask, pred], num_classes=10, limit=2) == ([0, 1], True)
+
+
+def test_loss_smoothing_follows_the_trend():
+    from neco.viz import smooth
+
+    assert all(abs(v - 2.0) < 1e-12 for v in smooth([2.0, 2.0, 2.0]))  # bias-corrected: no ramp from zero
+    out = smooth([10.0, 0.0, 0.0, 0.0], weight=0.5)
+    assert out[0] == 10.0 and out[1] < 10.0 and out[-1] < out[1] and out[-1] > 0.0

@@ -22,8 +22,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .datasets import TRAIN_DATASETS, DatasetNotFound, ImageReadError, build_train_dataset, load_rgb
-from .eval_datasets import KNOWN_COUNTS, ROOT_KEYS, MaskError, SegmentationDataset, scan_eval_split
+import neco.help_texts  # noqa: F401  (the resolvers of `--help`)
+
 from .labels import COCO_STUFF_CATEGORIES, COCO_THING_CATEGORIES
 
 TRAIN_COUNTS = {"coco": 118287, "imagenet100": 126689, "imagenet": 1281167, "voc": 10582}
@@ -61,6 +61,10 @@ def _count_problem(report: SplitReport) -> None:
 
 
 def check_eval_split(name: str, split: str, roots, samples: int, progress: bool) -> SplitReport:
+    # The readers import torch: imported where used, so that `--help` answers at once.
+    from .datasets import DatasetNotFound, ImageReadError
+    from .eval_datasets import KNOWN_COUNTS, MaskError, SegmentationDataset, scan_eval_split
+
     report = SplitReport(split, expected=KNOWN_COUNTS[name].get(split))
     try:
         scan = scan_eval_split(name, split, roots)
@@ -91,6 +95,8 @@ def check_eval_split(name: str, split: str, roots, samples: int, progress: bool)
 
 
 def check_train_part(part: str, roots, samples: int, progress: bool) -> SplitReport:
+    from .datasets import DatasetNotFound, ImageReadError, build_train_dataset, load_rgb
+
     report = SplitReport(f"{part} (train)", expected=TRAIN_COUNTS.get(part))
     try:
         data = build_train_dataset(part, roots, on_bad_image="raise")
@@ -136,6 +142,9 @@ def check_coco_categories(name: str, root: str) -> list[str]:
 
 def run_check(cfg: DictConfig) -> int:
     """Print the report of ``cfg.data.name``; return the exit status (0 = everything as expected)."""
+    from .datasets import TRAIN_DATASETS
+    from .eval_datasets import ROOT_KEYS
+
     name = str(cfg.data.name)
     roots = OmegaConf.to_container(cfg.paths, resolve=True)
     samples, progress = int(cfg.check.samples), bool(cfg.check.progress)

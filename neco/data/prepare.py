@@ -29,7 +29,9 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
-from .datasets import DatasetNotFound, find_voc, read_ids
+import neco.help_texts  # noqa: F401  (the resolvers of `--help`)
+
+# The readers (.datasets) import torch: they are imported where used, so that `--help` answers at once.
 
 
 def voc_palette() -> list[int]:
@@ -62,6 +64,8 @@ def _save_mask(mask: np.ndarray, path: str, palette: list[int] | None = None) ->
 
 
 def _sbd_folder(sbd: str) -> str:
+    from .datasets import DatasetNotFound
+
     for folder in (sbd, os.path.join(sbd, "dataset"), os.path.join(sbd, "benchmark_RELEASE", "dataset")):
         if os.path.isdir(os.path.join(folder, "cls")) and all(
                 os.path.isfile(os.path.join(folder, f"{s}.txt")) for s in ("train", "val")):
@@ -79,6 +83,8 @@ def _sbd_mask(path: str) -> np.ndarray:
 
 def prepare_voc_aug(voc_root: str, sbd: str | None, overwrite: bool = False, progress: bool = True) -> dict:
     """Write ``SegmentationClassAug/`` and ``sets/trainaug.txt`` into the VOC folder of ``voc_root``."""
+    from .datasets import DatasetNotFound, find_voc, read_ids
+
     if not sbd:
         raise DatasetNotFound("sbd is not set: sbd=/path/to/benchmark_RELEASE (the SBD download) is needed "
                               "to build VOC trainaug")
@@ -196,6 +202,8 @@ def _run(jobs: Sequence, fn: Callable, workers: int, desc: str, progress: bool) 
 
 
 def _load_json(root: str, candidates: Sequence[str], what: str) -> tuple[str, dict]:
+    from .datasets import DatasetNotFound
+
     path = _find(root, candidates)
     if path is None:
         tried = " or ".join(os.path.join(root, c) for c in candidates)
@@ -229,6 +237,8 @@ def prepare_coco_stuff(root: str, splits: Sequence[str], overwrite: bool = False
 def prepare_coco_things(root: str, splits: Sequence[str], overwrite: bool = False, workers: int = 1,
                         progress: bool = True) -> dict:
     """Semantic masks (panoptic category ids) in ``annotations/<split>2017/`` from the panoptic annotations."""
+    from .datasets import DatasetNotFound
+
     summary = {}
     for split in splits:
         s = f"{split}2017"
@@ -265,6 +275,8 @@ def run_prepare(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../../conf", config_name="prepare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from .datasets import DatasetNotFound
+
     try:
         summary = run_prepare(cfg)
     except (DatasetNotFound, ValueError) as err:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from neco.data.datasets import TRAIN_DATASETS, build_train_dataset
 from neco.data.multicrop import MultiCrop
 from neco.data.sampler import ResumableSampler
+from neco.data.workers import cap_workers
 from neco.errors import ConfigError
 from neco.models.backbone import build_backbone
 from neco.models.encoder import DenseEncoder
@@ -75,7 +76,7 @@ def build_loader(data_cfg, paths, seed: int, rank: int = 0, world_size: int = 1)
                                   on_bad_image=data_cfg.on_bad_image)
     sampler = ResumableSampler(len(dataset), shuffle=data_cfg.shuffle, seed=seed, rank=rank, world_size=world_size)
     loader = DataLoader(
-        dataset, batch_size=data_cfg.batch_size, sampler=sampler, num_workers=data_cfg.num_workers,
+        dataset, batch_size=data_cfg.batch_size, sampler=sampler, num_workers=cap_workers(data_cfg.num_workers),
         drop_last=data_cfg.drop_last, pin_memory=torch.cuda.is_available(),
         # The generator seeds the workers' augmentations: one stream per process (rank 0 = single process).
         persistent_workers=False, generator=torch.Generator().manual_seed(seed + rank))

@@ -11,20 +11,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import neco.config  # noqa: F401  (registers the training schema and resolvers the presets use)
 import neco.eval.config  # noqa: F401  (registers the evaluation schema)
+import neco.help_texts  # noqa: F401  (the resolvers of `--help`)
 from neco.cli import checked_command_line, exit_on_user_error
 
 
 @checked_command_line(neco.eval.config.EvalAppConfig)
 @hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    # Imported here, not at the top: `--help`, `--cfg job` and config errors answer before torch loads.
+    import torch
+
     from neco.eval.runner import evaluate
 
+    torch.set_float32_matmul_precision("high")
     with exit_on_user_error(" for this evaluation"):
         hydra_cfg = HydraConfig.get()
         records = evaluate(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
@@ -33,5 +37,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
     main()

@@ -222,6 +222,7 @@ def quick_evaluate(
     pca_dim: int | None = 50,
     figure_path: str | None = None,
     figure_images: int = 4,
+    figure_title: str | None = None,
     per_class: bool = False,
     progress: bool | None = None,
 ) -> dict:
@@ -260,9 +261,12 @@ def quick_evaluate(
         save_segmentation_figure(
             images,
             masks,
-            {"NN retrieval": nn["predictions"], "k-means": km["predictions"]},
+            {f"NN retrieval (mIoU {100 * nn['miou']:.1f}%)": nn["predictions"],
+             f"k-means (mIoU {100 * km['miou']:.1f}%)": km["predictions"]},
             figure_path,
             num_classes=num_classes,
             ignore_index=ignore_index,
+            class_names=getattr(val_set, "class_names", None),
+            title=figure_title,
         )
     return out

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from neco.config import EvalConfig
+from neco.data.workers import cap_workers
 from neco.engine.log import environment_info
 from neco.engine.setup import resolve_device, resolve_precision, seed_everything
 from neco.errors import ConfigError
@@ -86,9 +87,10 @@ def load_model(cfg: DictConfig) -> tuple[Backbone, str]:
     if not path.is_file():
         raise WeightsError(f"checkpoint={path}: no such file (a run's checkpoints are in "
                            "<run dir>/checkpoints/last.pt)")
-    model = build_backbone(bcfg.name, weights="random", strict=bcfg.strict)
     # This project's checkpoints hold {"student", "teacher"}; NeCo Lightning files "model." and "teacher.".
-    model.load_weights(path, strict=bcfg.strict, checkpoint_model=cfg.checkpoint_model, key="checkpoint")
+    # Built with the checkpoint directly, so the log names only the weights that are evaluated.
+    model = build_backbone(bcfg.name, weights=str(path.resolve()), strict=bcfg.strict,
+                           checkpoint_model=cfg.checkpoint_model, key="checkpoint")
     return model.eval(), _weights_key(bcfg.name, str(path), path, cfg.checkpoint_model)
 
 
@@ -133,7 +135,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
     model.to(device).requires_grad_(False)
     progress = bool(cfg.logger.progress)
     # More loader processes than cores only adds contention; results do not depend on the number.
-    num_workers = min(cfg.num_workers, os.cpu_count() or 1)
+    num_workers = cap_workers(cfg.num_workers, key="num_workers")
     extractor = FeatureExtractor(model, device=device, amp_dtype=amp_dtype, batch_size=cfg.batch_size,
                                  num_workers=num_workers, model_key=model_key, progress=progress,
                                  cache_dir=cfg.cache_dir if cfg.cache_features else None)
@@ -165,10 +167,13 @@ def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
         log.info("%s on %s: %s (%.0f s)", name, cfg.data.name, summary, seconds)
         print(f"{name}: {summary}")
     _pca_figure(ctx, run_dir)
+    tables = []
     if cfg.append_table:
         csv_path, md_path = append_to_table(cfg.paths.results, records)
-        log.info("results appended to %s (and %s)", csv_path, md_path)
-    log.info("results: %s", run_dir / "results.json")
+        tables = [Path(csv_path), Path(md_path)]
+    from neco.summary import eval_summary
+
+    print("\n" + eval_summary(run_dir, records, tables), flush=True)
     return records
 
 

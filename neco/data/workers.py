@@ -1,0 +1,35 @@
+"""How many loader processes a machine can use: never more than the CPUs this process may run on."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("neco")
+_reported: set[tuple[str, int, int]] = set()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a SLURM or container limit), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity masks
+        return os.cpu_count() or 1
+
+
+def cap_workers(requested: int, key: str = "data.num_workers") -> int:
+    """``requested`` loader processes, at most one per available CPU; the cap is logged once per value.
+
+    ``key``: the setting the log line names (``num_workers`` for ``python -m neco.eval``).
+
+    More workers than CPUs only adds contention (and PyTorch warns about it). The cap is logged because the
+    random crops a worker draws depend on how many workers share the stream.
+    """
+    cpus = available_cpus()
+    if requested <= cpus:
+        return requested
+    if (key, requested, cpus) not in _reported:
+        _reported.add((key, requested, cpus))
+        log.info("%s=%d capped at %d: the CPUs available to this process (set %s to at most %d to silence "
+                 "this)", key, requested, cpus, key, cpus)
+    return cpus
