@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
@@ -20,9 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 import neco.config  # noqa: F401  (registers the config schema and resolvers)
 from neco.cli import exit_on_user_error
 from neco.engine import dist
-from neco.engine.checkpoint import find_checkpoint
-from neco.engine.log import MetricsLogger, environment_info
+from neco.engine.checkpoint import find_checkpoint, load_checkpoint
+from neco.engine.disk import output_errors
+from neco.engine.fingerprint import check_resume, config_changes, digest, fingerprint
+from neco.engine.log import MetricsLogger, environment_info, truncate_metrics
 from neco.engine.optim import build_optimizer, build_schedules, param_groups, select_trainable_blocks
+from neco.engine.run_lock import RunLock, RunLocked
 from neco.engine.setup import (
     build_loader,
     build_student_teacher,
@@ -30,6 +35,7 @@ from neco.engine.setup import (
     resolve_precision,
     seed_everything,
 )
+from neco.engine.signals import GracefulStop, abort_on_interrupt, exit_after_stop
 from neco.engine.trainer import Trainer
 from neco.errors import UserError
 from neco.launch import DeferredRequeue
@@ -68,16 +74,78 @@ def _save_crops_figure(dataset, run_dir: Path) -> None:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Build every component from `cfg`, resume if asked, and train. Returns the final step and loss."""
+    """Build every component from `cfg`, resume if asked, and train. Returns the final step and loss, and
+    `stopped` (the signal's name) when a signal stopped the run after a checkpoint."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with output_errors(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     dist.init(cfg.device)  # torchrun or SLURM tasks; nothing otherwise
+    lock = _lock_run_dir(run_dir)
+    try:
+        with output_errors(run_dir):
+            result, requeue = _train(cfg, run_dir, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+    if result.get("stopped") and requeue.requested:
+        requeue.hand_over()  # submitit calls the job's checkpoint(), requeues it and exits this process
+    return result
+
+
+def _lock_run_dir(run_dir: Path) -> Optional[RunLock]:
+    """Rank 0 alone writes the run directory, so it alone takes the lock; every process learns the outcome."""
+    lock, problem = None, None
+    if dist.is_main():
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLocked as err:
+            problem = str(err)
+    problem = dist.all_gather_objects(problem)[0]
+    if problem:
+        raise RunLocked(problem)
+    if lock is not None and lock.taken_over:
+        log.warning("took over the lock of %s", lock.taken_over)
+    return lock
+
+
+def _read_resume(cfg: DictConfig, run_dir: Path) -> tuple[Optional[Path], Optional[dict], dict]:
+    """The checkpoint to resume from, its contents, and what this run changes (refused unless allowed)."""
+    path = find_checkpoint(cfg.resume, run_dir)
+    if path is None:
+        return None, None, {}
+    state = load_checkpoint(path)
+    forced = check_resume(state, cfg, path, force=cfg.resume_force)
+    record = {"checkpoint": str(path), "step": int(state["step"]),
+              "changed": config_changes(state.get("config") or {}, cfg), "forced": forced}
+    if forced:
+        log.warning("resume_force=true: resuming %s with other settings: %s", path, forced)
+    return path, state, record
+
+
+def _write_run_files(cfg: DictConfig, run_dir: Path, info: dict, resume: dict, lock: Optional[RunLock]) -> None:
+    """`config.yaml` and `run_info.json`; each resume adds an entry to the run's list of resumes."""
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    previous = run_dir / "run_info.json"
+    resumes = []
+    if resume and previous.is_file():
+        with contextlib.suppress(ValueError):
+            resumes = json.loads(previous.read_text()).get("resumes", [])
+    if resume:
+        resumes.append(resume)
+    info = info | {"fingerprint": digest(fingerprint(cfg)), "resume_force": cfg.resume_force, "resumes": resumes}
+    if lock is not None and lock.taken_over:  # the stale lock of a process that died in this directory
+        info["lock_taken_over"] = lock.taken_over
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+
+
+def _train(cfg: DictConfig, run_dir: Path, lock: Optional[RunLock]) -> tuple[dict, DeferredRequeue]:
     rank, world = dist.rank(), dist.world_size()
     main_process = dist.is_main()
     device = dist.local_device(resolve_device(cfg.device))
     amp_dtype = resolve_precision(cfg.precision, device)
-    checkpoint = find_checkpoint(cfg.resume, run_dir)
+    # Before anything is built or written: a refused resume leaves the run directory as it was.
+    checkpoint, resume_state, resume = _read_resume(cfg, run_dir)
 
     dataset, sampler, loader = build_loader(cfg.data, cfg.paths, cfg.seed, rank=rank, world_size=world)
     student, teacher = build_student_teacher(cfg.backbone, cfg.loss, cache_dir=cfg.paths.weights)
@@ -117,9 +185,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
     }
     if main_process:  # rank 0 alone writes the run directory, logs, evaluates and checkpoints
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        info = environment_info(device, cfg.seed) | {"derived": derived}
-        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+        _write_run_files(cfg, run_dir, environment_info(device, cfg.seed) | {"derived": derived}, resume, lock)
     log.info("run directory: %s", run_dir)
     log.info("%d images, %d steps/epoch x %d epochs, effective batch %d (%d x %d accumulated x %d "
              "processes), lr %s", len(dataset), steps_per_epoch, cfg.optim.epochs, effective_batch,
@@ -141,18 +207,25 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         evaluator = build_monitor(cfg.eval, cfg.data, cfg.paths, device=device, amp_dtype=amp_dtype,
                                   progress=cfg.logger.progress, run_dir=run_dir)
     requeue = DeferredRequeue.install()  # in a submitit job: checkpoint at a step boundary, then requeue
+    graceful = GracefulStop.install()  # SIGTERM, Ctrl-C: checkpoint at a step boundary, then exit
     trainer = Trainer(student=student, teacher=teacher, objective=objective, optimizer=optimizer,
                       schedules=schedules, loader=loader, sampler=sampler, cfg=cfg, run_dir=run_dir,
                       device=device, amp_dtype=amp_dtype, logger=logger, steps_per_epoch=steps_per_epoch,
-                      evaluator=evaluator, ddp=ddp, should_stop=requeue if requeue.active else None)
+                      evaluator=evaluator, ddp=ddp, should_stop=lambda: requeue() or graceful())
     if checkpoint is not None:
-        trainer.load(checkpoint)
+        trainer.load(checkpoint, resume_state)
+        del resume_state
+        if main_process:  # the steps after the checkpoint are logged again: drop their first records
+            dropped = truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+            if dropped:
+                log.info("metrics.jsonl: dropped %d records after step %d", dropped, trainer.state.step)
     elif main_process:
         _save_crops_figure(dataset, run_dir)
     try:
         result = trainer.fit()
     finally:
         logger.close()
+        graceful.uninstall()
         requeue.uninstall()
     if main_process and (run_dir / "metrics.jsonl").is_file():
         from neco.viz import plot_metrics
@@ -160,8 +233,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "figures" / "loss.png", keys=("loss",))
     dist.shutdown()
     if result.get("stopped"):
-        requeue.hand_over()  # submitit calls the job's checkpoint(), requeues it and exits this process
-    return result
+        result["stopped"] = "SIGUSR2" if requeue.requested else graceful.signal_name or "signal"
+    return result, requeue
 
 
 class _NoLogger:
@@ -176,8 +249,10 @@ class _NoLogger:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    with exit_on_user_error():
-        result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with exit_on_user_error(), abort_on_interrupt(run_dir):
+        result = train(cfg, run_dir)
+    exit_after_stop(result, run_dir)  # SIGTERM or Ctrl-C: one line, exit 128 + the signal's number
     return result.get("loss", float("nan"))
 
 
