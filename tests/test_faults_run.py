@@ -216,3 +216,16 @@ def test_quickstart_run_names_differ_within_one_second():
                              capture_output=True, text=True, check=True).stdout
         names.append(out.split("run_name=")[1].split()[0])
     assert names[0] != names[1] and all(n.startswith("quickstart-") for n in names)
+
+
+@pytest.mark.ddp
+def test_locked_run_directory_stops_every_process_of_a_distributed_run(tmp_path, holder):
+    """Only rank 0 takes the lock; the other ranks learn the outcome and stop too instead of waiting forever."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "neco.train",
+           *TINY, "max_steps=1", f"paths.output_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: the run directory")]
+    assert len(errors) == 2 and all(f"process {holder.pid} on host" in e for e in errors), proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
