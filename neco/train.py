@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import neco.config  # noqa: F401  (registers the config schema and resolvers)
 from neco.cli import exit_on_user_error
 from neco.engine import dist
-from neco.engine.checkpoint import find_checkpoint, load_checkpoint
+from neco.engine.checkpoint import find_checkpoint, load_checkpoint, set_aside_previous_run
 from neco.engine.disk import output_errors
 from neco.engine.fingerprint import check_resume, config_changes, digest, fingerprint
 from neco.engine.log import MetricsLogger, environment_info, truncate_metrics
@@ -220,6 +220,10 @@ def _train(cfg: DictConfig, run_dir: Path, lock: Optional[RunLock]) -> tuple[dic
             if dropped:
                 log.info("metrics.jsonl: dropped %d records after step %d", dropped, trainer.state.step)
     elif main_process:
+        superseded = set_aside_previous_run(run_dir)
+        if superseded:
+            log.warning("starting from scratch: the earlier checkpoints and metrics of %s moved to %s", run_dir,
+                        superseded)
         _save_crops_figure(dataset, run_dir)
     try:
         result = trainer.fit()

@@ -166,18 +166,20 @@ def test_full_disk_during_a_checkpoint(tmp_path, monkeypatch, capsys, kind):
     assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "step_2.pt"]  # no partial file left
 
 
-def test_checkpoint_folder_that_cannot_be_written(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "checkpoints").write_text("a file where the folder should be")
-    with pytest.raises(OutputError, match=r"cannot write checkpoints in .*paths.output_dir") as err:
-        train(tiny_cfg(tmp_path, "max_steps=1"), run)
-    assert "\n" not in str(err.value)
+def test_read_only_filesystem_during_a_checkpoint(tmp_path, monkeypatch):
+    train(tiny_cfg(tmp_path, "max_steps=1"), tmp_path / "run")
+    folder = tmp_path / "run" / "checkpoints"
+    monkeypatch.setattr(checkpoint_module.torch, "save",
+                        partial_then(lambda: OSError(errno.EROFS, "Read-only file system")))
+    with pytest.raises(OutputError, match=r"cannot write step_2.pt in .*checkpoints: Read-only file system") as err:
+        train(tiny_cfg(tmp_path, "max_steps=2"), tmp_path / "run")
+    assert "\n" not in str(err.value) and "paths.output_dir" in str(err.value)
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "step_1.pt"]
 
 
-def run_cli(tmp_path, output_dir):
-    return subprocess.run([sys.executable, "-m", "neco.train", *TINY, "max_steps=1", f"paths.output_dir={output_dir}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+def run_cli(tmp_path, output_dir, *overrides):
+    return subprocess.run([sys.executable, "-m", "neco.train", *TINY, "max_steps=1", f"paths.output_dir={output_dir}",
+                           *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
 def test_output_folder_under_a_regular_file_is_one_line(tmp_path):
@@ -201,3 +203,41 @@ def test_read_only_output_folder_is_one_line(tmp_path):
         out.chmod(0o700)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot create or write the output folder")
+
+
+def test_refused_resume_from_the_command_line_leaves_hydra_files_alone(tmp_path):
+    first = run_cli(tmp_path, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "runs" / "quickstart"
+    before = snapshot(run) | {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    proc = run_cli(tmp_path, tmp_path, "seed=1", "data.batch_size=1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "(data.batch_size: 2 -> 1, seed: 0 -> 1)" in lines[0], lines
+    assert snapshot(run) | {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == before
+
+
+def test_old_checkpoint_without_a_setting_added_later_still_resumes(tmp_path):
+    """A setting added to the code after a checkpoint was written reads as its default, which keeps the earlier
+    behaviour; only another value is a change."""
+    train(tiny_cfg(tmp_path, "max_steps=1"), tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["fingerprint"]["loss.queue_counter"], state["config"]["loss"]["queue_counter"]
+    torch.save(state, last)
+    with pytest.raises(ResumeRefused, match=r"\(loss.queue_counter: <unset> -> per_queue\)"):
+        train(tiny_cfg(tmp_path, "max_steps=2", "loss.queue_counter=per_queue"), tmp_path / "run")
+    assert train(tiny_cfg(tmp_path, "max_steps=2"), tmp_path / "run")["step"] == 2
+
+
+def test_starting_over_sets_the_earlier_run_aside(tmp_path):
+    """resume=null in a directory with checkpoints: the new run's files are not mixed with the earlier ones (and
+    its step files are not pruned in favour of the earlier, higher-numbered ones)."""
+    train(tiny_cfg(tmp_path, "max_steps=3", "checkpoint_every=1"), tmp_path / "run")
+    train(tiny_cfg(tmp_path, "max_steps=1", "resume=null", "keep_checkpoints=1"), tmp_path / "run")
+    run = tmp_path / "run"
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_1.pt"]
+    (earlier,) = (run / "superseded").iterdir()
+    assert [r["step"] for r in read_metrics(earlier / "metrics.jsonl")] == [1, 2, 3]
+    assert torch.load(earlier / "checkpoints" / "last.pt", weights_only=True)["step"] == 3

@@ -229,3 +229,13 @@ def test_locked_run_directory_stops_every_process_of_a_distributed_run(tmp_path,
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: the run directory")]
     assert len(errors) == 2 and all(f"process {holder.pid} on host" in e for e in errors), proc.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_locked_run_directory_from_the_command_line_writes_nothing(tmp_path, holder):
+    proc = subprocess.run([sys.executable, "-m", "neco.train", *TINY, "max_steps=1",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"in use by process {holder.pid} on host {socket.gethostname()}" in lines[0]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # no .hydra/ either

@@ -6,6 +6,7 @@ import os
 import random
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,7 +74,7 @@ def save_atomic(obj: dict, path: Path) -> None:
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
+    except BaseException as err:  # a second Ctrl-C included: never leave the partial file behind
         tmp.unlink(missing_ok=True)
         if is_write_failure(err):
             raise write_error(err, path.parent, path.name,
@@ -105,6 +106,24 @@ def _step_files(folder: Path) -> list[int]:
     if not folder.is_dir():
         return []
     return [int(m.group(1)) for p in folder.iterdir() if (m := _STEP.match(p.name))]
+
+
+def set_aside_previous_run(run_dir: Path) -> Optional[Path]:
+    """A run that starts from scratch (`resume=null`, or no checkpoint yet) in a directory holding checkpoints or
+    metrics of an earlier start: move them to `superseded/<time>/`, so that the new run's step files, `last.pt`
+    and metrics are never mixed with (or pruned in favour of) the earlier ones. Returns that folder, if any."""
+    run_dir = Path(run_dir)
+    previous = [p for p in (checkpoint_dir(run_dir), run_dir / "metrics.jsonl") if p.exists()]
+    if not previous:
+        return None
+    target = run_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+    while target.exists():
+        target = target.with_name(target.name + "+")
+    with output_errors(run_dir):
+        target.mkdir(parents=True)
+        for path in previous:
+            os.replace(path, target / path.name)
+    return target
 
 
 def find_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[Path]:

@@ -6,11 +6,8 @@ import contextlib
 import errno
 import os
 import shutil
-import sys
 from pathlib import Path
-from typing import Any, Optional
-
-from hydra.experimental.callback import Callback
+from typing import Optional
 
 from neco.errors import UserError
 
@@ -74,21 +71,3 @@ def check_writable(folder: Path) -> Optional[str]:
         where = err.filename or folder
         return f"cannot create or write the output folder {folder} ({err.strerror}: {where})"
     return None
-
-
-class OutputDirCheck(Callback):
-    """Hydra callback (conf/train.yaml): checks the run or sweep folder before Hydra creates it, so that an
-    unwritable `paths.output_dir` is one line and exit status 2 rather than Hydra's traceback."""
-
-    def _check(self, folder: Any) -> None:
-        problem = check_writable(Path(str(folder)))
-        if problem:
-            print(f"error: {problem}; set paths.output_dir (or hydra.run.dir) to a writable folder",
-                  file=sys.stderr)
-            sys.exit(2)
-
-    def on_run_start(self, config, **kwargs: Any) -> None:
-        self._check(config.hydra.run.dir)
-
-    def on_multirun_start(self, config, **kwargs: Any) -> None:
-        self._check(config.hydra.sweep.dir)

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from neco.config import TrainConfig
 from neco.engine.checkpoint import ResumeError
 
 # Keys (or key prefixes ending in ".") a resume may change on purpose.
@@ -35,6 +36,10 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             flat.update(_flatten(value, f"{prefix}{key}."))
         return flat
     return {prefix[:-1]: tree}
+
+
+def schema_defaults() -> dict[str, Any]:
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
 
 
 def _may_change(key: str) -> bool:
@@ -69,7 +74,12 @@ def check_resume(checkpoint: dict, cfg: DictConfig, path, force: bool) -> dict[s
     old = checkpoint.get("fingerprint")
     if old is None:  # written before fingerprints were stored: derive it from the checkpoint's config
         old = fingerprint(checkpoint.get("config") or {})
-    changed = differences(old, fingerprint(cfg))
+    new = fingerprint(cfg)
+    defaults = schema_defaults()
+    # A setting added to the code after the checkpoint was written, at its default (which keeps the earlier
+    # behaviour), or one the code no longer has, is not a change of this run.
+    changed = {k: v for k, v in differences(old, new).items()
+               if not (k not in old and new[k] == defaults.get(k, "<none>")) and k in new}
     if changed and not force:
         listed = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
         raise ResumeRefused(

@@ -140,7 +140,7 @@ class RunLock:
                 if holder is None and time.monotonic() < deadline:  # its owner is writing its record
                     time.sleep(0.05)
                     continue
-                raise RunLocked(self._message(holder))
+                raise RunLocked(self.message(holder))
             if holder is None and not created and time.monotonic() < deadline:
                 os.close(fd)  # created an instant ago, its owner's record not yet written
                 time.sleep(0.05)
@@ -151,9 +151,24 @@ class RunLock:
             self.fd = fd
             return self
 
-    def _message(self, holder: Optional[dict]) -> str:
+    def live_holder(self) -> Optional[dict]:
+        """The record of the live process holding the lock, or None (free, or stale); changes nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            locked = _flock(fd)
+            holder = _read_holder(fd)
+            if locked is False:
+                return holder or {}
+            return holder if holder is not None and stale_reason(holder, this_process()) is None else None
+        finally:
+            os.close(fd)
+
+    def message(self, holder: Optional[dict]) -> str:
         run_dir = self.path.parent
-        if holder is None:
+        if not holder:
             who = "another process"
         else:
             job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
