@@ -23,11 +23,11 @@ import neco.config  # noqa: F401  (registers the config schema and resolvers)
 from neco.cli import exit_on_user_error
 from neco.engine import dist
 from neco.engine.checkpoint import find_checkpoint, load_checkpoint, set_aside_previous_run
-from neco.engine.disk import output_errors
+from neco.engine.disk import is_write_failure, output_errors, write_error
 from neco.engine.fingerprint import check_resume, config_changes, digest, fingerprint
 from neco.engine.log import MetricsLogger, environment_info, truncate_metrics
 from neco.engine.optim import build_optimizer, build_schedules, param_groups, select_trainable_blocks
-from neco.engine.run_lock import RunLock, RunLocked
+from neco.engine.run_lock import LOCK_NAME, RunLock, RunLocked
 from neco.engine.setup import (
     build_loader,
     build_student_teacher,
@@ -101,6 +101,10 @@ def _lock_run_dir(run_dir: Path) -> Optional[RunLock]:
             lock = RunLock(run_dir).acquire()
         except RunLocked as err:
             problem = str(err)
+        except OSError as err:  # e.g. a read-only run directory
+            if not is_write_failure(err):
+                raise
+            problem = str(write_error(err, run_dir, LOCK_NAME))
     problem = dist.all_gather_objects(problem)[0]
     if problem:
         raise RunLocked(problem)

@@ -239,3 +239,12 @@ def test_locked_run_directory_from_the_command_line_writes_nothing(tmp_path, hol
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"in use by process {holder.pid} on host {socket.gethostname()}" in lines[0]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # no .hydra/ either
+
+
+def test_run_directory_on_a_read_only_filesystem_is_one_line(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(tmp_path / "run" / ".lock"))
+
+    monkeypatch.setattr(run_lock.os, "open", read_only)
+    with pytest.raises(RunLocked, match=r"cannot write .lock in .*run: Read-only file system; set paths.output_dir"):
+        train(tiny_cfg(tmp_path, "max_steps=1"), tmp_path / "run")
