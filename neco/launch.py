@@ -93,6 +93,7 @@ class TrainJob:
     def __call__(self) -> dict:
         from omegaconf import OmegaConf
 
+        from neco.engine.signals import exit_after_stop
         from neco.train import train
 
         if not log.handlers:  # the run's progress in submitit's log files, as neco.train prints it
@@ -106,7 +107,11 @@ class TrainJob:
         cfg = OmegaConf.create(self.cfg)
         if restarts and (Path(self.run_dir) / "checkpoints" / "last.pt").is_file():
             cfg.resume = "auto"  # a restarted job continues its own run, whatever `resume` first pointed at
-        return train(cfg, Path(self.run_dir))
+        result = train(cfg, Path(self.run_dir))
+        # Stopped by SIGTERM (`scontrol requeue`, `scancel`, a preemption) after saving: exit without a result,
+        # as the killed job would have, so that submitit does not report the requeued job as finished.
+        exit_after_stop(result, self.run_dir)
+        return result
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on timeout or preemption: the same job again (the trainer has just saved)."""

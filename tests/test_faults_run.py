@@ -5,6 +5,7 @@ run of tests/test_train.py and checks what is left on disk.
 """
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -248,3 +249,24 @@ def test_run_directory_on_a_read_only_filesystem_is_one_line(tmp_path, monkeypat
     monkeypatch.setattr(run_lock.os, "open", read_only)
     with pytest.raises(RunLocked, match=r"cannot write .lock in .*run: Read-only file system; set paths.output_dir"):
         train(tiny_cfg(tmp_path, "max_steps=1"), tmp_path / "run")
+
+
+def test_sigterm_in_a_submitit_job_saves_and_exits_without_a_result(tmp_path, monkeypatch):
+    """`scontrol requeue` or a preemption sends SIGTERM: the job saves at the step and exits as killed, so that
+    submitit writes no result and waits for the requeued start instead of reporting the job as finished."""
+    from omegaconf import OmegaConf
+
+    from neco.launch import TrainJob
+
+    signal_at_step(monkeypatch, 2, signal.SIGTERM)
+    job = TrainJob(OmegaConf.to_container(tiny_cfg(tmp_path, "checkpoint_every=0"), resolve=True),
+                   str(tmp_path / "run"))
+    handlers = list(logging.getLogger("neco").handlers)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            job()
+    finally:  # the job adds a console handler, as in submitit's log files
+        logging.getLogger("neco").handlers[:] = handlers
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "run" / ".lock").exists()
