@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_slurm import LOCAL, log_text, wait
+from test_slurm import cluster as cluster  # the SLURM fixture
+from test_slurm import wait_for_step as wait_for_job_step
 from test_train import TINY, tiny_cfg
 
 from neco.engine import run_lock
@@ -24,6 +27,7 @@ from neco.engine.log import read_metrics
 from neco.engine.run_lock import RunLock, RunLocked
 from neco.engine.signals import abort_on_interrupt
 from neco.engine.trainer import Trainer
+from neco.launch import submit
 from neco.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,3 +274,26 @@ def test_sigterm_in_a_submitit_job_saves_and_exits_without_a_result(tmp_path, mo
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+@pytest.mark.slurm
+def test_requeued_job_takes_over_the_lock_of_its_killed_start(cluster, tmp_path):
+    """A start killed outright (SIGKILL: no save, no unlock) and then requeued: the new start takes over the
+    lock its predecessor left and resumes from the last periodic checkpoint."""
+    job, run_dir = submit([LOCAL, *LONG, "run_name=killed", "checkpoint_every=2", f"paths.output_dir={tmp_path}"])
+    wait_for_job_step(job, run_dir, 4)
+    killed = json.loads((run_dir / ".lock").read_text())  # the training process (this machine is the node)
+    os.kill(killed["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["squeue", "-h", "-j", str(job.job_id)], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, "the killed job did not end"
+        time.sleep(0.5)
+    assert json.loads((run_dir / ".lock").read_text()) == killed  # left behind
+    subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True)
+    result = wait(job)
+    log = log_text(job)
+    assert "(restart 1)" in log and "took over the lock" in log, log[-4000:]
+    assert result["step"] == 16
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["lock_taken_over"]["pid"] == killed["pid"]
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 17))
