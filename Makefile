@@ -8,7 +8,8 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 else
 TORCH ?= torch torchvision
 endif
-RUN_STAMP := $(shell date +%Y%m%d-%H%M%S)
+# Seconds and a random suffix: two runs started in the same second get their own run directories.
+RUN_STAMP := $(shell date +%Y%m%d-%H%M%S)-$(shell od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
 
 .PHONY: help install quickstart eval-quickstart starter test test-all notebooks lint clean
 

@@ -197,6 +197,8 @@ class TrainConfig:
     checkpoint_every: int = 1000  # optimizer steps; the end of each epoch always checkpoints
     keep_checkpoints: int = 3
     resume: Optional[str] = "auto"  # auto | null | a run directory | a checkpoint path
+    # true: resume even though settings that shape the run changed (README: "Signals, locks and resume")
+    resume_force: bool = False
 
 
 # The options that choose between the reference's behaviour (each default) and a fix; run_info.json records them.

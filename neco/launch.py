@@ -7,10 +7,12 @@ Every argument is a Hydra override of `conf/train.yaml`; the resources come from
 presets as sweeps (`conf/hydra/launcher/`, default `slurm_1gpu`). The run is a submitit job (one task per GPU,
 DDP across them). SLURM warns it `signal_delay_s` before its time limit (USR2; a preemption that sends USR2
 is handled the same way): the run checkpoints at the next optimizer step, `TrainJob.checkpoint` hands
-submitit the same job again and submitit requeues it, at most `max_num_timeout` times. A job killed without
-warning (`scontrol requeue`, a node failure) restarts from its last periodic checkpoint (`checkpoint_every`).
-The requeued job runs the same resolved config; its run directory depends only on that config, so
-`resume=auto` continues from `checkpoints/last.pt`, with the same W&B run id.
+submitit the same job again and submitit requeues it, at most `max_num_timeout` times. A job ended with SIGTERM
+(`scontrol requeue`, `scancel`) also saves at the next optimizer step when the step and the save fit in SLURM's
+KillWait (neco.engine.signals); one killed without warning (a node failure) restarts from its last periodic
+checkpoint (`checkpoint_every`). The requeued job runs the same resolved config; its run directory depends only
+on that config, so `resume=auto` continues from `checkpoints/last.pt`, with the same W&B run id, and takes over
+the run directory's lock from its earlier start (neco.engine.run_lock).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class TrainJob:
     def __call__(self) -> dict:
         from omegaconf import OmegaConf
 
+        from neco.engine.signals import exit_after_stop
         from neco.train import train
 
         if not log.handlers:  # the run's progress in submitit's log files, as neco.train prints it
@@ -104,7 +107,11 @@ class TrainJob:
         cfg = OmegaConf.create(self.cfg)
         if restarts and (Path(self.run_dir) / "checkpoints" / "last.pt").is_file():
             cfg.resume = "auto"  # a restarted job continues its own run, whatever `resume` first pointed at
-        return train(cfg, Path(self.run_dir))
+        result = train(cfg, Path(self.run_dir))
+        # Stopped by SIGTERM (`scontrol requeue`, `scancel`, a preemption) after saving: exit without a result,
+        # as the killed job would have, so that submitit does not report the requeued job as finished.
+        exit_after_stop(result, self.run_dir)
+        return result
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on timeout or preemption: the same job again (the trainer has just saved)."""

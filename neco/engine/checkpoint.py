@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import random
 import re
+import socket
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from neco.engine.disk import is_write_failure, output_errors, write_error
 from neco.errors import UserError
 
 _STEP = re.compile(r"^step_(\d+)\.pt$")
@@ -54,13 +57,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def temporary_name(path: Path) -> Path:
+    """A temporary name next to `path`, unique to this process: two writers never share a half-written file."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def save_atomic(obj: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file.
+
+    A failed write (a full disk above all) removes the partial file and raises a one-line OutputError; the file
+    at `path`, if any, is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with output_errors(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as err:  # a second Ctrl-C included: never leave the partial file behind
+        tmp.unlink(missing_ok=True)
+        if is_write_failure(err):
+            raise write_error(err, path.parent, path.name,
+                              "; the partial file was removed and the previous checkpoint is intact") from None
+        raise
 
 
 def save_checkpoint(state: dict, run_dir: Path, step: int, keep: int) -> Path:
@@ -69,14 +88,14 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep: int) -> Path:
     path = folder / f"step_{step}.pt"
     save_atomic(state, path)
     last = folder / "last.pt"
-    tmp = folder / ".last.pt.tmp"
-    if tmp.exists():
-        tmp.unlink()
+    tmp = temporary_name(last)
+    tmp.unlink(missing_ok=True)
     # A hard link is instant and atomic to rename; fall back to a second copy where links are not allowed.
     try:
         os.link(path, tmp)
         os.replace(tmp, last)
     except OSError:
+        tmp.unlink(missing_ok=True)
         save_atomic(state, last)
     for old in sorted(_step_files(folder))[:-keep] if keep > 0 else []:
         (folder / f"step_{old}.pt").unlink(missing_ok=True)
@@ -87,6 +106,24 @@ def _step_files(folder: Path) -> list[int]:
     if not folder.is_dir():
         return []
     return [int(m.group(1)) for p in folder.iterdir() if (m := _STEP.match(p.name))]
+
+
+def set_aside_previous_run(run_dir: Path) -> Optional[Path]:
+    """A run that starts from scratch (`resume=null`, or no checkpoint yet) in a directory holding checkpoints or
+    metrics of an earlier start: move them to `superseded/<time>/`, so that the new run's step files, `last.pt`
+    and metrics are never mixed with (or pruned in favour of) the earlier ones. Returns that folder, if any."""
+    run_dir = Path(run_dir)
+    previous = [p for p in (checkpoint_dir(run_dir), run_dir / "metrics.jsonl") if p.exists()]
+    if not previous:
+        return None
+    target = run_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+    while target.exists():
+        target = target.with_name(target.name + "+")
+    with output_errors(run_dir):
+        target.mkdir(parents=True)
+        for path in previous:
+            os.replace(path, target / path.name)
+    return target
 
 
 def find_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from neco.engine.disk import is_write_failure, write_error
 
 log = logging.getLogger("neco")
 
@@ -32,8 +35,13 @@ class MetricsLogger:
             raise ValueError(f"logger.name={cfg.name!r}: choose jsonl or wandb")
 
     def log(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            if is_write_failure(err):
+                raise write_error(err, self.path.parent, self.path.name) from None
+            raise
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))
 
@@ -45,6 +53,35 @@ class MetricsLogger:
 def read_metrics(path: Path) -> list[dict]:
     with Path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the records logged after `step` (the steps a resumed run will log again), atomically. A line cut
+    short by a kill is dropped too. Returns the number of records dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or record.get("step", 0) > step:
+            dropped += bool(line.strip())
+            continue
+        kept.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if is_write_failure(err):
+                raise write_error(err, path.parent, path.name, "; it is unchanged") from None
+            raise
+    return dropped
 
 
 def git_sha() -> Optional[str]:

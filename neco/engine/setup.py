@@ -15,6 +15,7 @@ from neco.data.datasets import TRAIN_DATASETS, build_train_dataset
 from neco.data.multicrop import MultiCrop
 from neco.data.sampler import ResumableSampler
 from neco.data.workers import cap_workers
+from neco.engine.signals import ignore_in_workers
 from neco.errors import ConfigError
 from neco.models.backbone import build_backbone
 from neco.models.encoder import DenseEncoder
@@ -79,7 +80,8 @@ def build_loader(data_cfg, paths, seed: int, rank: int = 0, world_size: int = 1)
         dataset, batch_size=data_cfg.batch_size, sampler=sampler, num_workers=cap_workers(data_cfg.num_workers),
         drop_last=data_cfg.drop_last, pin_memory=torch.cuda.is_available(),
         # The generator seeds the workers' augmentations: one stream per process (rank 0 = single process).
-        persistent_workers=False, generator=torch.Generator().manual_seed(seed + rank))
+        persistent_workers=False, generator=torch.Generator().manual_seed(seed + rank),
+        worker_init_fn=ignore_in_workers)
     return dataset, sampler, loader
 
 

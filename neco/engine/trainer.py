@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from neco.data.datasets import bad_image_count
 from neco.engine import dist
 from neco.engine.checkpoint import ResumeError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from neco.engine.fingerprint import fingerprint
 from neco.engine.log import MetricsLogger
 from neco.engine.optim import Schedules
 from neco.errors import UserError
@@ -74,10 +75,12 @@ class Trainer:
             "batch_in_epoch": self.state.batch_in_epoch,
             "rng": rng_state(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "fingerprint": fingerprint(self.cfg),  # what a resume must keep (neco.engine.fingerprint)
         }
 
-    def load(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
+    def load(self, path: Path, ckpt: Optional[dict] = None) -> None:
+        """Restore the full training state from `path` (or from `ckpt`, its contents already read)."""
+        ckpt = load_checkpoint(path) if ckpt is None else ckpt
         ranks = ckpt.get("ranks")  # per-process queue and RNG states of a distributed run
         same_layout = len(ranks or [None]) == dist.world_size()
         if ranks and same_layout:
@@ -87,9 +90,15 @@ class Trainer:
                 f"resume: {path} was written by {len(ranks or [None])} process(es) and this run has "
                 f"{dist.world_size()}; each keeps loss.queue_length / processes queue rows, so resume with "
                 "the same number of processes (or start over with resume=null)")
-        self.student.load_state_dict(ckpt["student"])
-        self.teacher.load_state_dict(ckpt["teacher"])
-        self.objective.load_state_dict(ckpt["objective"])
+        try:
+            self.student.load_state_dict(ckpt["student"])
+            self.teacher.load_state_dict(ckpt["teacher"])
+            self.objective.load_state_dict(ckpt["objective"])
+        except RuntimeError as err:  # other sizes, reached only with resume_force=true
+            first = str(err).splitlines()[1:2] or [str(err)]
+            raise ResumeError(f"resume: the weights in {path} do not fit this model ({first[0].strip()}); resume "
+                              "with the checkpoint's backbone and loss.head settings, or start over with "
+                              "resume=null") from None
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"])
