@@ -151,17 +151,28 @@ def test_second_process_in_a_locked_run_directory_stops_naming_the_holder(tmp_pa
 
 
 def test_two_runs_started_together_in_one_directory(tmp_path):
-    """Two `make quickstart` of the same name at once: one trains, the other stops at once with exit 2."""
-    procs = [start_train(tmp_path, "max_steps=6") for _ in range(2)]
-    outcomes = sorted((p.wait(timeout=300), p.communicate()[1]) for p in procs)
-    (ok, ok_err), (refused, refused_err) = outcomes
-    assert ok == 0, ok_err[-3000:]
+    """Two `make quickstart` of the same name at once: one trains, the other stops at once with exit 2.
+
+    Both are started before either has taken the lock; the first is kept running (a long run stopped by SIGTERM
+    once the second has ended) so that the two always overlap, however slowly either starts."""
+    procs = [start_train(tmp_path, "max_steps=100000") for _ in range(2)]
+    run = tmp_path / "runs" / "quickstart"
+    deadline = time.monotonic() + 300
+    while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    refused_proc = next((p for p in procs if p.poll() is not None), None)
+    assert refused_proc is not None, "neither run stopped"
+    ok_proc = next(p for p in procs if p is not refused_proc)
+    refused, refused_err = refused_proc.wait(), refused_proc.communicate()[1]
     assert refused == 2 and "Traceback" not in refused_err, refused_err[-3000:]
     line = refused_err.strip().splitlines()[-1]
     assert line.startswith("error: the run directory") and f"on host {socket.gethostname()}" in line
-    assert str(next(p.pid for p in procs if p.returncode == 0)) in line
-    run = tmp_path / "runs" / "quickstart"
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 7))
+    assert str(ok_proc.pid) in line
+    wait_for_step(ok_proc, run / "metrics.jsonl", 2)
+    ok_proc.send_signal(signal.SIGTERM)
+    assert ok_proc.wait(timeout=300) == 128 + signal.SIGTERM, ok_proc.communicate()[1][-3000:]
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2
     assert not list((run / "checkpoints").glob("*.tmp"))
 
 
