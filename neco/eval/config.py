@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from neco.choices import EvalCheckpointModel
 from neco.config import TrainConfig
 
 
@@ -19,7 +20,7 @@ from neco.config import TrainConfig
 class EvalAppConfig(TrainConfig):
     eval: Any = field(default_factory=dict)  # {protocol: options}, from eval=<protocol> or eval=[p1,p2]
     checkpoint: Optional[str] = None  # a checkpoint of this project or any backbone file; null: backbone.weights
-    checkpoint_model: str = "student"  # student (spec §5) | teacher
+    checkpoint_model: EvalCheckpointModel = EvalCheckpointModel.student  # student (spec §5) | teacher
     batch_size: int = 32  # feature extraction
     num_workers: int = 4  # loader processes (at most the number of CPU cores)
     cache_features: bool = True  # features of a split are extracted once per (weights, data, resolution)

@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from neco.choices import plain
 from neco.errors import ConfigError
 from neco.eval.features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
 from neco.eval.label_resize import CENTRE, LEGACY_NEAREST
@@ -110,5 +111,5 @@ def typed_options(schema: type, cfg: Mapping | None, dataset_name: str | None = 
 
 
 def options_dict(options) -> dict[str, Any]:
-    """The dataclass as a plain dict, for results.json."""
-    return dataclasses.asdict(options)
+    """The dataclass as a plain dict (choices as plain strings), for results.json and saved heads."""
+    return plain(dataclasses.asdict(options))
