@@ -8,6 +8,7 @@ A protocol is a module ``neco.eval.<name>`` with a dataclass of its options and 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from neco.choices import plain
 from neco.errors import ConfigError
 from neco.eval.features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
 from neco.eval.label_resize import CENTRE, LEGACY_NEAREST
-from neco.overrides import unknown_key_message
+from neco.overrides import field_type, invalid_choice_message, unknown_key_message
 
 
 @dataclass
@@ -105,6 +106,10 @@ def typed_options(schema: type, cfg: Mapping | None, dataset_name: str | None = 
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
         where = f"eval.{protocol}.{key}" if protocol else key
+        choices = field_type(schema, key) if key else None
+        if isinstance(choices, type) and issubclass(choices, enum.Enum):
+            value = next((layer[key] for layer in reversed(layers) if isinstance(layer, dict) and key in layer), "")
+            raise ConfigError(invalid_choice_message(where, value, choices) or f"{where}: invalid value") from err
         reason = (key and unknown_key_message(schema, key)) or str(getattr(err, "msg", err)).splitlines()[0]
         raise ConfigError(f"invalid evaluation option {where}: {reason}") from err
     return OmegaConf.to_object(merged)
