@@ -54,6 +54,8 @@ ZeroLossStep = _choice("ZeroLossStep", "advance", "hold")
 
 # eval.* of training, logger.*, top level
 TrainEval = _choice("TrainEval", "none", "quick", "kmeans_monitor", "attn_monitor")
+# neco.data.eval_datasets.EVAL_DATASETS (tests check they agree)
+EvalDataset = _choice("EvalDataset", "voc", "coco_stuff", "coco_things", "ade20k", "cityscapes", "synthetic")
 LoggerName = _choice("LoggerName", "jsonl", "wandb")
 WandbMode = _choice("WandbMode", "online", "offline", "disabled")
 Precision = _choice("Precision", "auto", "bf16", "fp16", "fp32")

@@ -22,6 +22,7 @@ from neco.choices import (
     Distribution,
     DropPathMode,
     EmaTiming,
+    EvalDataset,
     ExportFormat,
     FgCellRule,
     LoggerName,
@@ -160,7 +161,7 @@ class EvalConfig:
     val_images: int = 128  # quick, and the monitors with dataset=synthetic: images generated for the split
     num_figures: int = 6
     # The monitors (neco.eval.monitors): which split they read, how much of it, and the clustering settings.
-    dataset: str = "voc"  # voc | synthetic | any dataset of neco.data.eval_datasets (read from paths.*)
+    dataset: EvalDataset = EvalDataset.voc  # any dataset of neco.data.eval_datasets (read from paths.*)
     split: str = "val"
     max_images: Optional[int] = None  # first images of the split; null: all (reference 6.1: 20 batches of 32)
     batch_size: int = 32

@@ -62,6 +62,13 @@ def test_the_known_silent_options_are_typed():
         (p, k) for p, k, _ in PROTOCOL_CHOICES}
 
 
+def test_the_evaluation_datasets_agree():
+    from neco.choices import EvalDataset
+    from neco.data.eval_datasets import EVAL_DATASETS
+
+    assert tuple(EvalDataset.__members__) == EVAL_DATASETS
+
+
 def _expect_one_line(message: str, key: str, choices: type[enum.Enum]):
     assert "\n" not in message
     assert f"{key}={WRONG} is not a valid choice" in message
