@@ -108,6 +108,14 @@ def test_a_wrong_protocol_choice_is_one_line(protocol, key, choices):
         assert type(options_dict(opts)[key]) is str  # saved heads are read back with weights_only=True
 
 
+@pytest.mark.parametrize("protocol", ["hummingbird", "linear", "overcluster", "unsup_seg"])
+def test_the_protocol_presets_hold_valid_choices(protocol):
+    """The shipped options of each protocol, for every dataset block, are valid values of its choices."""
+    options = OmegaConf.load(CONF / "eval" / f"{protocol}.yaml")
+    for dataset in [None, *options.get("per_dataset", {})]:
+        typed_options(PROTOCOLS[protocol], options, dataset, protocol)
+
+
 def test_a_sweep_with_one_wrong_choice_is_refused():
     with pytest.raises(ConfigError, match="loss.mask=bgg is not a valid choice \\(did you mean bg\\?\\)"):
         check_overrides(["loss.mask=fg,bgg"], TrainConfig)
