@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import enum
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -150,10 +151,12 @@ def _choice_values(override) -> list[Any]:
 
 
 def check_overrides(overrides: list[str], schema: type, conf_dir: Path = CONF_DIR,
-                    check_groups: bool = True) -> None:
+                    check_groups: bool = True, open_type: Optional[Callable[[str], Any]] = None) -> None:
     """Raise :class:`ConfigError` for the first override whose key ``schema`` does not know (also with ``+`` or
-    ``++``) or whose group option has no file in ``conf_dir``. Overrides Hydra cannot parse, of ``hydra``
-    itself, deletions (``~key``) and package overrides (``group@pkg=...``) are left to Hydra."""
+    ``++``), whose choice value is not one of its enum, or whose group option has no file in ``conf_dir``.
+    ``open_type(key)`` gives the type of a key below a node ``schema`` leaves open (None: unchecked).
+    Overrides Hydra cannot parse, of ``hydra`` itself, deletions (``~key``) and package overrides
+    (``group@pkg=...``) are left to Hydra."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException:
@@ -172,7 +175,7 @@ def check_overrides(overrides: list[str], schema: type, conf_dir: Path = CONF_DI
         message = unknown_key_message(schema, key)
         if message:
             raise ConfigError(f"{message}, in {override.input_line}")
-        choices = field_type(schema, key)
+        choices = field_type(schema, key) or (open_type(key) if open_type else None)
         if isinstance(choices, type) and issubclass(choices, enum.Enum):
             for value in _choice_values(override):
                 message = invalid_choice_message(key, value, choices)

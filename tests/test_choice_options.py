@@ -155,9 +155,26 @@ def test_train_cli_refuses_a_misspelt_choice(tmp_path):
                                   "choose one of: before_step, after_step")
 
 
-def test_eval_cli_refuses_a_misspelt_protocol_choice(tmp_path):
-    proc = _run("neco.eval", "experiment=quickstart", "backbone.weights=random", "data=synthetic", "eval=hummingbird",
-                "eval.hummingbird.memory_norm=per_image", "synthetic_val_images=4", "logger.progress=false",
-                cwd=tmp_path)
+def test_eval_cli_refuses_a_misspelt_protocol_choice_before_anything_runs(tmp_path):
+    # Checked with the command line: a typo in the last of several protocols does not wait for the others.
+    proc = _run("neco.eval", "eval=[overcluster,hummingbird]", "eval.hummingbird.memory_norm=per_image",
+                "--cfg", "job", cwd=tmp_path)
     _assert_one_line_exit_2(proc, "eval.hummingbird.memory_norm=per_image is not a valid choice (did you mean "
                                   "per_image_axis_v1?); choose one of: per_patch, per_image_axis_v1")
+    proc = _run("neco.eval", "eval=[overcluster,hummingbird]", "eval.hummingbird.memory_norm=per_image_axis_v1",
+                "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0 and "memory_norm: per_image_axis_v1" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_protocol_options_are_looked_up_for_every_protocol():
+    from neco.eval.config import PROTOCOL_OPTIONS, protocol_option_type
+    from neco.eval.runner import PROTOCOLS as RUN
+
+    assert set(PROTOCOL_OPTIONS) == set(RUN) and set(PROTOCOLS) == set(RUN)
+    for protocol, key, choices in PROTOCOL_CHOICES:
+        assert protocol_option_type(f"eval.{protocol}.{key}") is choices
+        with pytest.raises(ConfigError, match=f"eval.{protocol}.{key}={WRONG} is not a valid choice"):
+            check_overrides([f"eval.{protocol}.{key}={WRONG}"], EvalAppConfig, open_type=protocol_option_type)
+    # Keys stay open (each protocol checks them when it runs), values of non-choice options are not judged here.
+    check_overrides(["++eval.hummingbird.anything=3", "eval.linear.epochs=2", "+eval.linear.per_dataset.voc.lr=1"],
+                    EvalAppConfig, open_type=protocol_option_type)

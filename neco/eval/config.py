@@ -7,6 +7,7 @@ training options as well; evaluation ignores them). `eval` is a mapping of selec
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -14,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 
 from neco.choices import EvalCheckpointModel
 from neco.config import TrainConfig
+from neco.overrides import field_type
 
 
 @dataclass
@@ -28,6 +30,26 @@ class EvalAppConfig(TrainConfig):
     num_figures: int = 4
     synthetic_val_images: int = 128  # data=synthetic: size of the validation split (train: data.synthetic_images)
     append_table: bool = True  # add the results to the table in paths.results
+
+
+# The options dataclass of each protocol (neco.eval.runner.PROTOCOLS runs them), imported only when needed.
+PROTOCOL_OPTIONS = {
+    "overcluster": ("neco.eval.overcluster", "OverclusterOptions"),
+    "hummingbird": ("neco.eval.hummingbird", "HummingbirdOptions"),
+    "linear": ("neco.eval.linear", "LinearOptions"),
+    "unsup_seg": ("neco.eval.unsup_seg", "UnsupSegOptions"),
+    "quick": ("neco.eval.quick_protocol", "QuickOptions"),
+}
+
+
+def protocol_option_type(key: str) -> Any:
+    """The declared type of a protocol option ``eval.<protocol>.<option>`` (None for other keys): lets the
+    command line check a choice's value before anything runs, while the keys under ``eval`` stay open."""
+    parts = key.split(".")
+    if len(parts) != 3 or parts[0] != "eval" or parts[1] not in PROTOCOL_OPTIONS:
+        return None
+    module, name = PROTOCOL_OPTIONS[parts[1]]
+    return field_type(getattr(importlib.import_module(module), name), parts[2])
 
 
 def register_eval_configs() -> None:
