@@ -68,16 +68,17 @@ def user_message(err: BaseException) -> str:
     return text
 
 
-def checked_command_line(schema: type):
+def checked_command_line(schema: type, open_type=None):
     """Decorate a ``hydra.main`` entry point so that its command-line overrides are checked against ``schema``
     and the config groups (:func:`neco.overrides.check_overrides`) before Hydra composes: an unknown key, also
-    one added with ``+`` or ``++``, or an unknown group option is one line with the closest names, exit 2."""
+    one added with ``+`` or ``++``, or an unknown group option is one line with the closest names, exit 2.
+    A wrong choice value is one line with the valid ones; ``open_type(key)`` types keys below open nodes."""
 
     def decorate(hydra_main):
         @functools.wraps(hydra_main)
         def entry(*args, **kwargs):
             if not args and not kwargs:  # run as a program: Hydra reads sys.argv
-                _check_argv(sys.argv[1:], schema)
+                _check_argv(sys.argv[1:], schema, open_type)
             return hydra_main(*args, **kwargs)
 
         return entry
@@ -85,7 +86,7 @@ def checked_command_line(schema: type):
     return decorate
 
 
-def _check_argv(argv: list[str], schema: type) -> None:
+def _check_argv(argv: list[str], schema: type, open_type=None) -> None:
     parser = get_args_parser()  # Hydra's own command-line parser, so flags and overrides split as Hydra does
     parser.exit_on_error = False
     try:
@@ -97,4 +98,4 @@ def _check_argv(argv: list[str], schema: type) -> None:
     # Another config directory or search path may hold more group options than conf/ does.
     extra_search_path = args.config_dir is not None or any("hydra.searchpath" in o for o in args.overrides)
     with exit_on_user_error():
-        check_overrides(args.overrides, schema, check_groups=not extra_search_path)
+        check_overrides(args.overrides, schema, check_groups=not extra_search_path, open_type=open_type)

@@ -14,6 +14,33 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from neco.choices import (
+    BadImagePolicy,
+    BoxScale,
+    CheckpointModel,
+    ClsPosition,
+    Distribution,
+    DropPathMode,
+    EmaTiming,
+    EvalDataset,
+    ExportFormat,
+    FgCellRule,
+    LoggerName,
+    LossMask,
+    MaskBlurPadding,
+    Precision,
+    QueueCounter,
+    References,
+    ReferenceSource,
+    Similarity,
+    Sorter,
+    SortNetwork,
+    TeacherHeadInit,
+    TrainEval,
+    WandbMode,
+    ZeroLossStep,
+)
+
 
 @dataclass
 class BackboneConfig:
@@ -25,14 +52,14 @@ class BackboneConfig:
     strict: bool = True
     # Files holding a student and a teacher: auto (the teacher of DINO/DINOv2 training checkpoints, the student
     # of NeCo and of this project's checkpoints) | student | teacher.
-    checkpoint_model: str = "auto"
+    checkpoint_model: CheckpointModel = CheckpointModel.auto
     drop_path_rate: float = 0.1  # student only; the teacher always runs without stochastic depth
     # reference: DINOv2 blocks with a rate > 0.1 keep the residual for a random batch subset (DINOv2's own rule;
     # the last block at rate 0.1, float32(0.1) > 0.1) | per_sample: timm's per-sample DropPath in every block
-    drop_path_mode: str = "reference"
+    drop_path_mode: DropPathMode = DropPathMode.reference
     # Register models. separate (reference): cls_token and a CLS entry in pos_embed, two tensors for AdamW |
     # folded: timm's layout, the CLS position embedding folded into cls_token (one tensor)
-    cls_position: str = "separate"
+    cls_position: ClsPosition = ClsPosition.separate
 
 
 @dataclass
@@ -54,7 +81,7 @@ class DataConfig:
     num_workers: int = 8
     shuffle: bool = True
     drop_last: bool = True
-    on_bad_image: str = "skip"  # skip (warn, count, use the next image) | raise
+    on_bad_image: BadImagePolicy = BadImagePolicy.skip  # skip (warn, count, use the next image) | raise
     # Only for data=synthetic: procedural scenes generated on the fly.
     synthetic_images: int = 512
     synthetic_size: int = 128
@@ -72,24 +99,28 @@ class HeadConfig:
 class LossConfig:
     student_steepness: float = 100.0
     teacher_steepness: Optional[float] = 100.0  # null: reuse the student's steepness (reference behaviour)
-    network: str = "bitonic"  # bitonic | odd_even
-    distribution: str = "cauchy"  # cauchy | logistic | logistic_phi | gaussian | reciprocal | optimal
+    network: SortNetwork = SortNetwork.bitonic  # bitonic | odd_even
+    # cauchy | logistic | logistic_phi | gaussian | reciprocal | optimal
+    distribution: Distribution = Distribution.cauchy
     art_lambda: float = 0.25
-    sorter: str = "sparse"  # sparse (comparators) | triton (fused CUDA kernels) | dense (slow reference path)
-    similarity: str = "cosine"  # cosine | euclidean
-    references: str = "queue"  # batch (in-batch shuffle) | queue (FIFO of past teacher embeddings)
+    sorter: Sorter = Sorter.sparse  # sparse (comparators) | triton (fused CUDA kernels) | dense (slow reference path)
+    similarity: Similarity = Similarity.cosine  # cosine | euclidean
+    references: References = References.queue  # batch (in-batch shuffle) | queue (FIFO of past teacher embeddings)
     queue_length: int = 8192  # summed over processes; each process keeps queue_length / world_size rows
-    mask: str = "all"  # all | fg | bg
+    mask: LossMask = LossMask.all  # all | fg | bg
     roi_size: int = 7
     use_teacher: bool = True  # false: the student provides its own (no-grad) targets, as the no-teacher ablation
     head: HeadConfig = field(default_factory=HeadConfig)
     # Reference behaviour by default; each option below names the fix (README: "Faithful to the reference").
-    reference_source: str = "teacher"  # teacher (reference) | student (as the paper text describes)
-    queue_counter: str = "shared"  # shared (reference: one counter for both queues) | per_queue
-    teacher_head_init: str = "independent"  # independent (reference) | copy (teacher head = student head)
-    box_scale: str = "patch"  # patch (reference: boxes / patch size) | grid (boxes / (crop size / tokens))
-    mask_blur_padding: str = "reflect"  # reflect (reference: torchvision's GaussianBlur) | zeros
-    fg_cell_rule: str = "exact"  # exact (reference: aligned mask value >= 1.0) | tolerant (>= 1 - 1e-6)
+    # teacher (reference) | student (as the paper text describes)
+    reference_source: ReferenceSource = ReferenceSource.teacher
+    queue_counter: QueueCounter = QueueCounter.shared  # shared (reference: one counter for both queues) | per_queue
+    # independent (reference) | copy (teacher head = student head)
+    teacher_head_init: TeacherHeadInit = TeacherHeadInit.independent
+    box_scale: BoxScale = BoxScale.patch  # patch (reference: boxes / patch size) | grid (boxes / (crop size / tokens))
+    # reflect (reference: torchvision's GaussianBlur) | zeros
+    mask_blur_padding: MaskBlurPadding = MaskBlurPadding.reflect
+    fg_cell_rule: FgCellRule = FgCellRule.exact  # exact (reference: aligned mask value >= 1.0) | tolerant (>= 1 - 1e-6)
 
 
 @dataclass
@@ -110,17 +141,17 @@ class OptimConfig:
     trainable_blocks: Optional[Any] = None  # null = all; int n -> sorted(blocks)[n:]; list -> those blocks
     grad_clip: Optional[float] = None  # global-norm clipping that really clips (the reference's is a no-op)
     accumulate: int = 1  # micro-batches per optimizer step; in-batch references come from each micro-batch
-    ema_timing: str = "before_step"  # before_step (reference) | after_step
+    ema_timing: EmaTiming = EmaTiming.before_step  # before_step (reference) | after_step
     # A step whose loss is exactly zero is skipped (no update, no EMA). advance (reference): the step still
     # counts, so the lr / wd / momentum schedules move on | hold: the schedules wait for the next real step
-    zero_loss_step: str = "advance"
+    zero_loss_step: ZeroLossStep = ZeroLossStep.advance
 
 
 @dataclass
 class EvalConfig:
     # none | quick (dense NN retrieval + k-means on the synthetic validation split) | kmeans_monitor (spec 6.1)
     # | attn_monitor (spec 6.6; teacher attention, never run by the reference because of a config bug, 10.5)
-    name: str = "none"
+    name: TrainEval = TrainEval.none
     before_training: bool = True
     after_training: bool = True
     every_n_epochs: int = 0  # 0: only before/after
@@ -130,7 +161,7 @@ class EvalConfig:
     val_images: int = 128  # quick, and the monitors with dataset=synthetic: images generated for the split
     num_figures: int = 6
     # The monitors (neco.eval.monitors): which split they read, how much of it, and the clustering settings.
-    dataset: str = "voc"  # voc | synthetic | any dataset of neco.data.eval_datasets (read from paths.*)
+    dataset: EvalDataset = EvalDataset.voc  # any dataset of neco.data.eval_datasets (read from paths.*)
     split: str = "val"
     max_images: Optional[int] = None  # first images of the split; null: all (reference 6.1: 20 batches of 32)
     batch_size: int = 32
@@ -151,13 +182,13 @@ class EvalConfig:
 class WandbConfig:
     project: str = "neco"
     entity: Optional[str] = None
-    mode: str = "offline"  # online | offline | disabled
+    mode: WandbMode = WandbMode.offline  # online | offline | disabled
     tags: list[str] = field(default_factory=list)
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "jsonl"  # jsonl (metrics.jsonl only) | wandb (metrics.jsonl and Weights & Biases)
+    name: LoggerName = LoggerName.jsonl  # jsonl (metrics.jsonl only) | wandb (metrics.jsonl and Weights & Biases)
     log_every: int = 10
     progress: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -191,7 +222,7 @@ class TrainConfig:
     run_name: str = "run"
     seed: int = 400
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    precision: Precision = Precision.auto  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     compile: bool = False
     max_steps: Optional[int] = None  # stop early (debugging); schedules still span the full run
     checkpoint_every: int = 1000  # optimizer steps; the end of each epoch always checkpoints
@@ -215,8 +246,8 @@ class ExportConfig:
     """`python -m neco.export` (conf/export.yaml); the backbone group is only selected for non-project files."""
 
     checkpoint: str = MISSING
-    format: str = "timm"
-    checkpoint_model: str = "auto"
+    format: ExportFormat = ExportFormat.timm
+    checkpoint_model: CheckpointModel = CheckpointModel.auto
     strict: bool = True
     name: str = "export"
     paths: PathsConfig = field(default_factory=PathsConfig)

@@ -143,7 +143,7 @@ def compose_job(overrides: list[str]) -> tuple[dict, Path, dict]:
     with open_dict(cfg):
         del cfg["hydra"]
     # A value the user must give (e.g. backbone.weights=???) fails here rather than in the job.
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True), run_dir, params
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True), run_dir, params
 
 
 def make_executor(params: dict):

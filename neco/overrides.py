@@ -8,13 +8,19 @@ in config.yaml. So every override key is looked up in the schema first, with or 
 option (``backbone=...``, ``experiment=...``) among the files of its group; a miss is one line with the closest
 names. Nodes the schema leaves open on purpose (typed ``Any`` or ``dict``, such as the per-protocol options under
 ``eval`` of ``python -m neco.eval``, which each protocol checks itself) accept any key below them.
+
+A choice option (typed with an enum of neco.choices) is checked for its value too. Hydra would reject a wrong
+value while composing, but inside ``hydra.main`` that error is printed by Hydra itself over several lines (exit
+1) before any code of ours runs; checked here it is one line naming the key and the valid values, exit 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,6 +79,28 @@ def unknown_key_message(schema: type, key: str) -> Optional[str]:
     return None
 
 
+def field_type(schema: type, key: str) -> Any:
+    """The declared type of dotted ``key`` in ``schema`` (Optional unwrapped); None where the schema is open."""
+    node: Any = schema
+    for part in key.split("."):
+        node = _unwrap_optional(node)
+        if not dataclasses.is_dataclass(node):
+            return None
+        node = _field_types(node).get(part)
+    return _unwrap_optional(node)
+
+
+def invalid_choice_message(key: str, value: Any, choices: type[enum.Enum]) -> Optional[str]:
+    """Why ``value`` is not one of the enum ``choices`` of ``key`` (one line with the valid names); None if it is."""
+    names = list(choices.__members__)
+    text = value.name if isinstance(value, choices) else str(value)
+    if isinstance(value, str) and text.removeprefix(f"{choices.__name__}.") in names:
+        return None
+    close = difflib.get_close_matches(text, names, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{key}={text} is not a valid choice{hint}; choose one of: {', '.join(names)}"
+
+
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     """Options of config group ``group``: its YAML files, those in subfolders as ``sub/name``."""
     folder = conf_dir / group
@@ -112,11 +140,23 @@ def _option_values(override) -> list[str]:
     return [v for v in values if isinstance(v, str)]
 
 
+def _choice_values(override) -> list[Any]:
+    """The values an override gives its key: one, or each choice of a sweep (other sweeps are left to Hydra)."""
+    if override.is_sweep_override():
+        try:
+            return list(override.sweep_string_iterator())
+        except Exception:  # range/interval sweeps: Hydra judges them
+            return []
+    return [override.value()]
+
+
 def check_overrides(overrides: list[str], schema: type, conf_dir: Path = CONF_DIR,
-                    check_groups: bool = True) -> None:
+                    check_groups: bool = True, open_type: Optional[Callable[[str], Any]] = None) -> None:
     """Raise :class:`ConfigError` for the first override whose key ``schema`` does not know (also with ``+`` or
-    ``++``) or whose group option has no file in ``conf_dir``. Overrides Hydra cannot parse, of ``hydra``
-    itself, deletions (``~key``) and package overrides (``group@pkg=...``) are left to Hydra."""
+    ``++``), whose choice value is not one of its enum, or whose group option has no file in ``conf_dir``.
+    ``open_type(key)`` gives the type of a key below a node ``schema`` leaves open (None: unchecked).
+    Overrides Hydra cannot parse, of ``hydra`` itself, deletions (``~key``) and package overrides
+    (``group@pkg=...``) are left to Hydra."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException:
@@ -135,3 +175,9 @@ def check_overrides(overrides: list[str], schema: type, conf_dir: Path = CONF_DI
         message = unknown_key_message(schema, key)
         if message:
             raise ConfigError(f"{message}, in {override.input_line}")
+        choices = field_type(schema, key) or (open_type(key) if open_type else None)
+        if isinstance(choices, type) and issubclass(choices, enum.Enum):
+            for value in _choice_values(override):
+                message = invalid_choice_message(key, value, choices)
+                if message:
+                    raise ConfigError(message)

@@ -196,10 +196,8 @@ def _train(cfg: DictConfig, run_dir: Path, lock: Optional[RunLock]) -> tuple[dic
 
     # The W&B id is stable across requeues (same run directory) and distinct for each job of a sweep.
     run_id = cfg.run_name if run_dir.name == cfg.run_name else f"{cfg.run_name}-{run_dir.name}"
-    logger = (MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_id=run_id)
-              if main_process else _NoLogger())
-    if cfg.eval.name not in ("none", "quick", "kmeans_monitor", "attn_monitor"):
-        raise UserError(f"eval.name={cfg.eval.name!r}: choose none, quick, kmeans_monitor or attn_monitor")
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    logger = MetricsLogger(run_dir, cfg.logger, plain, run_id=run_id) if main_process else _NoLogger()
     evaluator = None
     if cfg.eval.name == "quick" and main_process:
         from neco.before_after import BeforeAfterEvaluator

@@ -39,7 +39,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def schema_defaults() -> dict[str, Any]:
-    return _flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True))
 
 
 def _may_change(key: str) -> bool:
@@ -48,7 +48,7 @@ def _may_change(key: str) -> bool:
 
 def fingerprint(cfg: DictConfig | dict) -> dict[str, Any]:
     """The settings a resume must keep, flattened to dotted keys."""
-    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    tree = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if isinstance(cfg, DictConfig) else cfg
     return {k: v for k, v in _flatten(tree).items() if not _may_change(k)}
 
 
@@ -65,7 +65,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list]:
 
 def config_changes(old_config: dict, cfg: DictConfig) -> dict[str, list]:
     """Every setting of `cfg` that differs from the checkpoint's resolved config, allowed or not."""
-    return differences(_flatten(old_config), _flatten(OmegaConf.to_container(cfg, resolve=True)))
+    return differences(_flatten(old_config), _flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
 
 
 def check_resume(checkpoint: dict, cfg: DictConfig, path, force: bool) -> dict[str, list]:

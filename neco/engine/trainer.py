@@ -74,7 +74,7 @@ class Trainer:
             "epoch": self.state.epoch,
             "batch_in_epoch": self.state.batch_in_epoch,
             "rng": rng_state(),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
             "fingerprint": fingerprint(self.cfg),  # what a resume must keep (neco.engine.fingerprint)
         }
 

@@ -20,7 +20,7 @@ import neco.help_texts  # noqa: F401  (the resolvers of `--help`)
 from neco.cli import checked_command_line, exit_on_user_error
 
 
-@checked_command_line(neco.eval.config.EvalAppConfig)
+@checked_command_line(neco.eval.config.EvalAppConfig, open_type=neco.eval.config.protocol_option_type)
 @hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     # Imported here, not at the top: `--help`, `--cfg job` and config errors answer before torch loads.

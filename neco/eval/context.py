@@ -8,6 +8,7 @@ A protocol is a module ``neco.eval.<name>`` with a dataclass of its options and 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,11 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from neco.choices import plain
 from neco.errors import ConfigError
 from neco.eval.features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
 from neco.eval.label_resize import CENTRE, LEGACY_NEAREST
-from neco.overrides import unknown_key_message
+from neco.overrides import field_type, invalid_choice_message, unknown_key_message
 
 
 @dataclass
@@ -104,11 +106,15 @@ def typed_options(schema: type, cfg: Mapping | None, dataset_name: str | None = 
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
         where = f"eval.{protocol}.{key}" if protocol else key
+        choices = field_type(schema, key) if key else None
+        if isinstance(choices, type) and issubclass(choices, enum.Enum):
+            value = next((layer[key] for layer in reversed(layers) if isinstance(layer, dict) and key in layer), "")
+            raise ConfigError(invalid_choice_message(where, value, choices) or f"{where}: invalid value") from err
         reason = (key and unknown_key_message(schema, key)) or str(getattr(err, "msg", err)).splitlines()[0]
         raise ConfigError(f"invalid evaluation option {where}: {reason}") from err
     return OmegaConf.to_object(merged)
 
 
 def options_dict(options) -> dict[str, Any]:
-    """The dataclass as a plain dict, for results.json."""
-    return dataclasses.asdict(options)
+    """The dataclass as a plain dict (choices as plain strings), for results.json and saved heads."""
+    return plain(dataclasses.asdict(options))

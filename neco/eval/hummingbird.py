@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from neco.choices import HbirdSearch, LabelResize, MemoryDtype, MemoryNorm
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
 from neco.eval.features import HUMMINGBIRD_STD, IMAGENET_MEAN, IMAGENET_STD, resize_image
-from neco.eval.hbird_memory import MEMORY_NORMS, PER_PATCH, MemoryPlan, build_memory
+from neco.eval.hbird_memory import PER_PATCH, MemoryPlan, build_memory
 from neco.eval.hbird_search import make_index, resolve_search, search_blocks
-from neco.eval.label_resize import LEGACY_NEAREST, check_label_resize
 from neco.eval.lowshot import resolve_subset, select
 from neco.eval.metrics import confusion_matrix, hungarian_match, iou_from_confusion, remap_confusion
 
@@ -55,8 +55,9 @@ class HummingbirdOptions:
     clamp_memory_quota: bool = False
     num_neighbours: int = 30
     temperature: float = 0.02
-    search: str = "auto"  # auto | torch | faiss (auto: faiss where it runs on the device, else torch)
-    memory_dtype: str = "float16"  # float16 | float32 storage of the memory features (torch and faiss-gpu)
+    search: HbirdSearch = HbirdSearch.auto  # auto | torch | faiss (auto: faiss where it runs on the device, else torch)
+    # float16 | float32 storage of the memory features (torch and faiss-gpu)
+    memory_dtype: MemoryDtype = MemoryDtype.float16
     train_split: str = "train"
     val_split: str = "val"
     # 1.0, or a low-shot fraction such as 0.125 (1/8), 0.015625 (1/64), 0.0078125 (1/128): one memory per seed.
@@ -78,11 +79,11 @@ class HummingbirdOptions:
     pad_memory_rows: bool = True
     # Validation masks to the input size: legacy_nearest (torch's nearest on the mask tensor, the evaluator's)
     # | centre (PIL's nearest at cell centres). See neco/eval/label_resize.py.
-    label_resize: str = LEGACY_NEAREST
+    label_resize: LabelResize = LabelResize.legacy_nearest
     # Memory features: per_patch (each patch feature / its norm; the evaluator since November 2024) |
     # per_image_axis_v1 (each feature dimension / its norm over the image's patches: releases up to 1.1.0).
     # Which one the published tables used is not known (docs/REPRODUCE.md).
-    memory_norm: str = PER_PATCH
+    memory_norm: MemoryNorm = MemoryNorm.per_patch
 
 
 def default_input_size(patch_size: int) -> int:
@@ -149,10 +150,6 @@ def score(conf: torch.Tensor, hungarian: bool) -> dict:
 
 
 def _check(opts: HummingbirdOptions) -> None:
-    check_label_resize(opts.label_resize, "eval.hummingbird.label_resize")
-    if opts.memory_norm not in MEMORY_NORMS:
-        raise ConfigError(f"eval.hummingbird.memory_norm={opts.memory_norm!r}: choose per_patch (current "
-                          "evaluator) or per_image_axis_v1 (open-hummingbird-eval up to 1.1.0)")
     if opts.augmentation_epochs < 1:
         raise ConfigError("eval.hummingbird.augmentation_epochs must be >= 1")
     if not 0.0 < opts.train_fraction <= 1.0:

@@ -24,13 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from neco.errors import ConfigError
-
 __all__ = [
     "LEGACY_NEAREST",
     "CENTRE",
     "LABEL_RESIZE_MODES",
-    "check_label_resize",
     "nearest_source_indices",
     "resize_label_map",
     "tokens_to_mask",
@@ -39,13 +36,6 @@ __all__ = [
 LEGACY_NEAREST = "legacy_nearest"
 CENTRE = "centre"
 LABEL_RESIZE_MODES = (LEGACY_NEAREST, CENTRE)
-
-
-def check_label_resize(mode: str, key: str) -> None:
-    """A clear configuration error naming ``key`` for an unknown mode."""
-    if mode not in LABEL_RESIZE_MODES:
-        raise ConfigError(f"{key}={mode!r}: choose legacy_nearest (torch's nearest, the reference's) or centre "
-                          "(PIL's nearest at cell centres)")
 
 
 @functools.lru_cache(maxsize=64)

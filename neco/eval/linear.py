@@ -21,10 +21,11 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
+from neco.choices import LabelResize, MiouClasses
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
 from neco.eval.features import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
-from neco.eval.label_resize import LEGACY_NEAREST, check_label_resize
+from neco.eval.label_resize import LEGACY_NEAREST
 from neco.eval.linear_data import AugmentedPairs, evaluated_count, train_subset
 from neco.eval.linear_head import (
     TopK,
@@ -75,7 +76,7 @@ class LinearOptions:
     # Reference quirk (spec §10.14), as eval.overcluster.miou_classes: "all" averages every class id, so with
     # ADE20K (151 ids, 0 ignored) the ignore id's IoU, always 0, is averaged in; "exclude_ignore" leaves that
     # id out (150 classes, x151/150).
-    miou_classes: str = "all"
+    miou_classes: MiouClasses = MiouClasses.all
     # A saved head (<out_dir>/heads/*.pt): skip training, only score it at eval_mask_size, on features at the
     # input size it was trained with (stored in the file; image_size is then not used).
     head: Optional[str] = None
@@ -83,7 +84,7 @@ class LinearOptions:
     # How the 448 px ground truth (train and val) is shrunk to mask_size / eval_mask_size: legacy_nearest
     # (torch's nearest, top-left source pixel of each cell: the reference) | centre (PIL's nearest at cell
     # centres). See neco/eval/label_resize.py.
-    label_resize: str = LEGACY_NEAREST
+    label_resize: LabelResize = LabelResize.legacy_nearest
 
 
 # The reference's loaders by dataset (spec §10.13, §10.14).
@@ -108,9 +109,6 @@ def _check(opts: LinearOptions) -> None:
     for key in ("mask_size", "eval_mask_size"):
         if getattr(opts, key) is not None and getattr(opts, key) < 1:
             bad(key, f"must be >= 1 or null (full input size), got {getattr(opts, key)}")
-    check_label_resize(opts.label_resize, "eval.linear.label_resize")
-    if opts.miou_classes not in ("all", "exclude_ignore"):
-        bad("miou_classes", f"choose all or exclude_ignore, got {opts.miou_classes!r}")
     if not 0.0 < opts.train_fraction <= 1.0:
         bad("train_fraction", f"must be in (0, 1], got {opts.train_fraction}")
     for key in ("crop_scale", "crop_ratio"):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from neco.choices import LabelResize, MiouClasses
 from neco.errors import ConfigError
 from neco.eval.clustering import (
     cluster_confusion,
@@ -30,7 +31,7 @@ from neco.eval.clustering import (
     standardise_and_project,
 )
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
-from neco.eval.label_resize import LEGACY_NEAREST, check_label_resize, tokens_to_mask
+from neco.eval.label_resize import tokens_to_mask
 
 # Datasets whose reference loader drops the last incomplete batch (spec §10.13): the VOC data module is built
 # with drop_last=True in eval_overcluster.py; the COCO and ADE20K validation loaders keep every image.
@@ -63,12 +64,12 @@ class OverclusterOptions:
     drop_last_batch: Optional[bool] = None
     # Spec §10.14: "all" averages IoU over every class id, so ADE20K's ignored label 0 counts as a class with
     # IoU 0 (151 classes, the reference); "exclude_ignore" leaves out the class whose id is the ignore index.
-    miou_classes: str = "all"
+    miou_classes: MiouClasses = MiouClasses.all
     faiss_threads: Optional[int] = None  # null: faiss's default (all cores)
     # How the 448 px ground truth is shrunk to mask_size and the token cluster maps are enlarged to it:
     # legacy_nearest (torch's nearest, top-left source pixel of each cell: the reference) | centre (PIL's
     # nearest at cell centres). See neco/eval/label_resize.py.
-    label_resize: str = LEGACY_NEAREST
+    label_resize: LabelResize = LabelResize.legacy_nearest
 
 
 def evaluated_images(num_images: int, batch_size: int, drop_last_batch: bool) -> int:
@@ -79,9 +80,6 @@ def evaluated_images(num_images: int, batch_size: int, drop_last_batch: bool) ->
 
 
 def _check(opts: OverclusterOptions) -> None:
-    check_label_resize(opts.label_resize, "eval.overcluster.label_resize")
-    if opts.miou_classes not in ("all", "exclude_ignore"):
-        raise ConfigError(f"eval.overcluster.miou_classes={opts.miou_classes!r}: choose all or exclude_ignore")
     if not opts.seeds:
         raise ConfigError("eval.overcluster.seeds: give at least one seed")
     if opts.batch_size < 1 or opts.mask_size < 1 or opts.kmeans_iters < 1 or opts.kmeans_restarts < 1:

@@ -81,8 +81,6 @@ def load_model(cfg: DictConfig) -> tuple[Backbone, str]:
         model = build_backbone(bcfg.name, weights=weights, strict=bcfg.strict, cache_dir=cfg.paths.weights,
                                checkpoint_model=bcfg.checkpoint_model)
         return model.eval(), _weights_key(bcfg.name, str(weights), None, bcfg.checkpoint_model)
-    if cfg.checkpoint_model not in ("student", "teacher"):
-        raise ConfigError(f"checkpoint_model={cfg.checkpoint_model!r}: choose student or teacher")
     path = Path(os.path.expanduser(cfg.checkpoint))
     if not path.is_file():
         raise WeightsError(f"checkpoint={path}: no such file (a run's checkpoints are in "
@@ -125,7 +123,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
     ``overrides``: the command-line overrides; the protocol options they set win over ``per_dataset`` blocks.
     """
     run_dir = Path(run_dir)
-    protocols = selected_protocols(OmegaConf.to_container(cfg.eval, resolve=True))
+    protocols = selected_protocols(OmegaConf.to_container(cfg.eval, resolve=True, enum_to_str=True))
     for name, options in protocols.items():
         options[EXPLICIT_KEY] = explicit_options(list(overrides or []), name)
     seed_everything(cfg.seed)

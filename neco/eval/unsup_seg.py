@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from neco.choices import CooccurrenceAngles
 from neco.errors import ConfigError
 from neco.eval.attention_fg import attention_foreground, attention_maps, load_attention_masks
 from neco.eval.cbfe import extract_foreground
@@ -78,7 +79,8 @@ class UnsupSegOptions:
     markov_time: float = 2.0
     weight_threshold: float = 0.09
     distances: list[int] = field(default_factory=lambda: [1, 2])
-    angles: str = "reference"  # reference: 4*pi/3 in the 8 directions (§10.17); fixed: 5*pi/4
+    # reference: 4*pi/3 in the 8 directions (§10.17); fixed: 5*pi/4
+    angles: CooccurrenceAngles = CooccurrenceAngles.reference
     num_runs: int = 10
     first_seed: int = 1  # Infomap seeds first_seed..; the reference's 0-9 are refused by recent Infomap releases
     preferred_modules: int | None = None  # None: num_classes - 1 (20 for VOC)
@@ -109,8 +111,6 @@ def _check(opts: UnsupSegOptions, dataset_name: str) -> None:
     if dataset_name not in SUPPORTED_DATASETS:
         raise ConfigError(f"eval=unsup_seg supports data=voc (the published protocol) and data=synthetic, "
                           f"not data={dataset_name}")
-    if opts.angles not in ("reference", "fixed"):
-        raise ConfigError(f"eval.unsup_seg.angles={opts.angles!r}: choose reference or fixed")
     for name in ("weight_threshold_range", "markov_time_range", "k_community_range"):
         if len(getattr(opts, name)) != 3:
             raise ConfigError(f"eval.unsup_seg.{name}: expected [low, high, step]")
