@@ -211,24 +211,24 @@ def _train(cfg: DictConfig, run_dir: Path, lock: Optional[RunLock]) -> tuple[dic
                                   progress=cfg.logger.progress, run_dir=run_dir)
     requeue = DeferredRequeue.install()  # in a submitit job: checkpoint at a step boundary, then requeue
     graceful = GracefulStop.install()  # SIGTERM, Ctrl-C: checkpoint at a step boundary, then exit
-    trainer = Trainer(student=student, teacher=teacher, objective=objective, optimizer=optimizer,
-                      schedules=schedules, loader=loader, sampler=sampler, cfg=cfg, run_dir=run_dir,
-                      device=device, amp_dtype=amp_dtype, logger=logger, steps_per_epoch=steps_per_epoch,
-                      evaluator=evaluator, ddp=ddp, should_stop=lambda: requeue() or graceful())
-    if checkpoint is not None:
-        trainer.load(checkpoint, resume_state)
-        del resume_state
-        if main_process:  # the steps after the checkpoint are logged again: drop their first records
-            dropped = truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
-            if dropped:
-                log.info("metrics.jsonl: dropped %d records after step %d", dropped, trainer.state.step)
-    elif main_process:
-        superseded = set_aside_previous_run(run_dir)
-        if superseded:
-            log.warning("starting from scratch: the earlier checkpoints and metrics of %s moved to %s", run_dir,
-                        superseded)
-        _save_crops_figure(dataset, run_dir)
-    try:
+    try:  # the handlers are put back however the run ends (a refused resume included)
+        trainer = Trainer(student=student, teacher=teacher, objective=objective, optimizer=optimizer,
+                          schedules=schedules, loader=loader, sampler=sampler, cfg=cfg, run_dir=run_dir,
+                          device=device, amp_dtype=amp_dtype, logger=logger, steps_per_epoch=steps_per_epoch,
+                          evaluator=evaluator, ddp=ddp, should_stop=lambda: requeue() or graceful())
+        if checkpoint is not None:
+            trainer.load(checkpoint, resume_state)
+            del resume_state
+            if main_process:  # the steps after the checkpoint are logged again: drop their first records
+                dropped = truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+                if dropped:
+                    log.info("metrics.jsonl: dropped %d records after step %d", dropped, trainer.state.step)
+        elif main_process:
+            superseded = set_aside_previous_run(run_dir)
+            if superseded:
+                log.warning("starting from scratch: the earlier checkpoints and metrics of %s moved to %s", run_dir,
+                            superseded)
+            _save_crops_figure(dataset, run_dir)
         result = trainer.fit()
     finally:
         logger.close()

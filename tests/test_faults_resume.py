@@ -4,6 +4,7 @@ a resume with other settings, metrics repeated after a kill, a full disk, an unw
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,9 +54,12 @@ def test_other_head_size_is_the_same_refusal_not_a_state_dict_error(tmp_path):
     with pytest.raises(ResumeRefused, match=r"loss.head.out_dim: 16 -> 8"):
         train(tiny_cfg(tmp_path, "max_steps=4", "loss.head.out_dim=8"), tmp_path / "run")
     # Forced anyway, the weights cannot fit: still one line naming what to change.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with pytest.raises(ResumeError, match=r"do not fit this model .*loss.head") as err:
         train(tiny_cfg(tmp_path, "max_steps=4", "loss.head.out_dim=8", "resume_force=true"), tmp_path / "run")
     assert "\n" not in str(err.value)
+    # The run's SIGTERM / Ctrl-C handlers are put back: a later signal is not swallowed by a run that is gone.
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
 def test_allowed_changes_resume_and_are_recorded(tmp_path):

@@ -59,6 +59,7 @@ def test_evaluating_a_checkpoint_logs_only_the_weights_it_loads(tmp_path, caplog
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=["experiment=quickstart", "data=synthetic", "eval=quick",
                                              f"checkpoint={tmp_path / 'last.pt'}"])
+    caplog.clear()  # only what load_model logs (the source above logs its own random initialisation)
     with caplog.at_level(logging.INFO, logger="neco"):
         model, _ = load_model(cfg)
     messages = [r.getMessage() for r in caplog.records]

@@ -17,9 +17,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from neco.engine import dist
-from neco.engine.checkpoint import find_checkpoint
+from neco.engine.checkpoint import find_checkpoint, load_checkpoint
 from neco.engine.disk import check_writable
-from neco.engine.fingerprint import check_resume
+from neco.engine.fingerprint import ResumeRefused, check_resume
 from neco.engine.run_lock import RunLock
 from neco.errors import UserError
 
@@ -43,8 +43,14 @@ def check_resume_early(cfg: DictConfig, run_dir: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return
-    if isinstance(state, dict):
+    if not isinstance(state, dict):
+        return
+    try:
         check_resume(state, cfg, path, force=bool(cfg.resume_force))
+    except ResumeRefused:
+        # A damaged checkpoint (unreadable, non-finite weights) is said first: resume_force could not help it.
+        load_checkpoint(path)
+        raise
 
 
 class Preflight(Callback):
