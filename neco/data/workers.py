@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterable, Iterator
 
 log = logging.getLogger("neco")
 _reported: set[tuple[str, int, int]] = set()
@@ -33,3 +35,21 @@ def cap_workers(requested: int, key: str = "data.num_workers") -> int:
         log.info("%s=%d capped at %d: the CPUs available to this process (set %s to at most %d to silence "
                  "this)", key, requested, cpus, key, cpus)
     return cpus
+
+
+@contextlib.contextmanager
+def batches_of(loader: Iterable) -> Iterator[Iterator]:
+    """Iterate ``loader``; its worker processes end with the block, however the block ends.
+
+    An error raised in a worker (an unreadable image with data.on_bad_image=raise) or in the step keeps the
+    iterator alive in the traceback until the interpreter exits, and Python's exit handler then waits for the
+    workers after a SIGTERM they ignore (neco.engine.signals.ignore_in_workers): the process would never end.
+    Closing the iterator here asks the workers to stop through the loader's own queues instead.
+    """
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # only multi-process loaders have workers
+        if shutdown is not None:
+            shutdown()

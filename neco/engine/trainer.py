@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from neco.data.datasets import bad_image_count
+from neco.data.workers import batches_of
 from neco.engine import dist
 from neco.engine.checkpoint import ResumeError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from neco.engine.fingerprint import fingerprint
@@ -214,61 +215,62 @@ class Trainer:
         while self.state.step < last_step and self.state.epoch < cfg.optim.epochs and not stopped:
             self.sampler.set_epoch(self.state.epoch, start=self.state.batch_in_epoch * batch_size)
             micro = 0
-            for crops, boxes in self.loader:
-                if self.state.step >= last_step:
-                    break
-                self.schedules.apply(self.optimizer, self.state.step)
-                crops = [c.to(self.device, non_blocking=True) for c in crops]
-                boxes = {k: v.to(self.device, non_blocking=True) for k, v in boxes.items()}
-                with self._no_sync(sync=(micro + 1) % accumulate == 0):
-                    loss = self.compute_loss(crops, boxes)
-                    value = self._loss_value(loss)
-                    if not math.isfinite(value):
-                        raise TrainingDiverged(
-                            f"the loss became {value} at step {self.state.step} (epoch {self.state.epoch}); "
-                            f"the run stopped and its last checkpoint in {self.run_dir / 'checkpoints'} is "
-                            "intact. Lower optim.lr_backbone, set optim.grad_clip, or use precision=fp32.")
-                    self.state.batch_in_epoch += 1
-                    if value != 0.0:  # a zero loss (every pair masked out) is skipped as the reference does
-                        self.scaler.scale(loss / accumulate).backward()
-                        self._has_grads = True
-                    elif self.cfg.optim.zero_loss_step == "hold":
-                        continue  # skipped without counting: the schedules wait for the next step with a loss
-                micro += 1
-                window_loss, window_n = window_loss + value, window_n + 1
-                window_images += len(crops[0]) * dist.world_size()
-                last_loss = value
-                if micro % accumulate:
-                    continue
-                if self._has_grads:
-                    grad_norm = self._optimizer_step()
-                else:  # every micro-batch had a zero loss: no update, no EMA, but the step counts (spec 4.8)
-                    grad_norm, self.state.step = None, self.state.step + 1
-                self._has_grads = False
-                bar.update(1)
-                if self.state.step % cfg.logger.log_every == 0 or self.state.step == last_step:
-                    elapsed = time.perf_counter() - window_start
-                    record = self._record(window_loss / max(window_n, 1), window_images / elapsed, grad_norm)
-                    self.logger.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr_backbone']:.2e}",
-                                    img_s=f"{record['images_per_s']:.1f}")
-                    window_loss, window_n, window_images, window_start = 0.0, 0, 0, time.perf_counter()
-                if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+            with batches_of(self.loader) as batches:
+                for crops, boxes in batches:
+                    if self.state.step >= last_step:
+                        break
+                    self.schedules.apply(self.optimizer, self.state.step)
+                    crops = [c.to(self.device, non_blocking=True) for c in crops]
+                    boxes = {k: v.to(self.device, non_blocking=True) for k, v in boxes.items()}
+                    with self._no_sync(sync=(micro + 1) % accumulate == 0):
+                        loss = self.compute_loss(crops, boxes)
+                        value = self._loss_value(loss)
+                        if not math.isfinite(value):
+                            raise TrainingDiverged(
+                                f"the loss became {value} at step {self.state.step} (epoch {self.state.epoch}); "
+                                f"the run stopped and its last checkpoint in {self.run_dir / 'checkpoints'} is "
+                                "intact. Lower optim.lr_backbone, set optim.grad_clip, or use precision=fp32.")
+                        self.state.batch_in_epoch += 1
+                        if value != 0.0:  # a zero loss (every pair masked out) is skipped as the reference does
+                            self.scaler.scale(loss / accumulate).backward()
+                            self._has_grads = True
+                        elif self.cfg.optim.zero_loss_step == "hold":
+                            continue  # skipped without counting: the schedules wait for the next step with a loss
+                    micro += 1
+                    window_loss, window_n = window_loss + value, window_n + 1
+                    window_images += len(crops[0]) * dist.world_size()
+                    last_loss = value
+                    if micro % accumulate:
+                        continue
+                    if self._has_grads:
+                        grad_norm = self._optimizer_step()
+                    else:  # every micro-batch had a zero loss: no update, no EMA, but the step counts (spec 4.8)
+                        grad_norm, self.state.step = None, self.state.step + 1
+                    self._has_grads = False
+                    bar.update(1)
+                    if self.state.step % cfg.logger.log_every == 0 or self.state.step == last_step:
+                        elapsed = time.perf_counter() - window_start
+                        record = self._record(window_loss / max(window_n, 1), window_images / elapsed, grad_norm)
+                        self.logger.log(record)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr_backbone']:.2e}",
+                                        img_s=f"{record['images_per_s']:.1f}")
+                        window_loss, window_n, window_images, window_start = 0.0, 0, 0, time.perf_counter()
+                    if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+                        self.save()
+                    every_steps = cfg.eval.get("every_n_steps", 0)
+                    if every_steps and self.state.step % every_steps == 0 and self.state.step < last_step:
+                        self._evaluate(f"step{self.state.step}")
+                    if self._stop_requested():  # e.g. SLURM's warning before the time limit: save here, requeue
+                        log.info("stop requested at step %d: checkpointing", self.state.step)
+                        stopped = True
+                        break
+                else:  # the epoch ran to its end
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
                     self.save()
-                every_steps = cfg.eval.get("every_n_steps", 0)
-                if every_steps and self.state.step % every_steps == 0 and self.state.step < last_step:
-                    self._evaluate(f"step{self.state.step}")
-                if self._stop_requested():  # e.g. SLURM's warning before the time limit: save here, requeue
-                    log.info("stop requested at step %d: checkpointing", self.state.step)
-                    stopped = True
-                    break
-            else:  # the epoch ran to its end
-                self.state.epoch += 1
-                self.state.batch_in_epoch = 0
-                self.save()
-                every = cfg.eval.every_n_epochs
-                if every and self.state.epoch % every == 0 and self.state.epoch < cfg.optim.epochs:
-                    self._evaluate(f"epoch{self.state.epoch}")
+                    every = cfg.eval.every_n_epochs
+                    if every and self.state.epoch % every == 0 and self.state.epoch < cfg.optim.epochs:
+                        self._evaluate(f"epoch{self.state.epoch}")
         bar.close()
         self.save()
         if stopped:
