@@ -20,6 +20,7 @@ from scipy.optimize import linear_sum_assignment
 from neco.errors import ConfigError
 from neco.eval import hummingbird, linear, overcluster
 from neco.eval.clustering import cluster_confusion, score_clusters
+from neco.eval.context import typed_options
 from neco.eval.features import FeatureExtractor, resize_mask
 from neco.eval.hbird_memory import MemoryPlan, build_memory, normalise_memory_features
 from neco.eval.hbird_search import TorchIndex
@@ -178,14 +179,13 @@ def test_options_default_to_the_reference_and_reject_unknown_values():
     assert OverclusterOptions().label_resize == LEGACY_NEAREST
     assert HummingbirdOptions().label_resize == LEGACY_NEAREST and HummingbirdOptions().memory_norm == "per_patch"
     assert linear.LinearOptions().label_resize == LEGACY_NEAREST
-    with pytest.raises(ConfigError, match="eval.overcluster.label_resize"):
-        overcluster._check(OverclusterOptions(label_resize="corner"))
-    with pytest.raises(ConfigError, match="eval.linear.label_resize"):
-        linear._check(linear.LinearOptions(label_resize="corner"))
-    with pytest.raises(ConfigError, match="eval.hummingbird.label_resize"):
-        hummingbird._check(HummingbirdOptions(label_resize="corner"))
-    with pytest.raises(ConfigError, match="eval.hummingbird.memory_norm"):
-        hummingbird._check(HummingbirdOptions(memory_norm="per_image"))
+    # A wrong value is refused when the protocol's options are built, naming the key and the valid values.
+    for schema, protocol, key, wrong in ((OverclusterOptions, "overcluster", "label_resize", "corner"),
+                                         (linear.LinearOptions, "linear", "label_resize", "corner"),
+                                         (HummingbirdOptions, "hummingbird", "label_resize", "corner"),
+                                         (HummingbirdOptions, "hummingbird", "memory_norm", "per_image")):
+        with pytest.raises(ConfigError, match=f"eval.{protocol}.{key}={wrong} is not a valid choice"):
+            typed_options(schema, {key: wrong}, protocol=protocol)
 
 
 # ---- Hummingbird memory normalisation: hand case -----------------------------------------------------------
