@@ -13,6 +13,7 @@ naming the setting to use instead.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from functools import cache
 from typing import Optional
@@ -50,7 +51,7 @@ def _first_line(err: BaseException) -> str:
 def _kernels():
     """The kernel module and None, or None and why it does not import (Triton missing is not an error here)."""
     try:
-        from neco.loss import triton_sort
+        triton_sort = importlib.import_module("neco.loss.triton_sort")
     except Exception as err:  # noqa: BLE001 (a Triton that fails to import is "cannot run", whatever it raises)
         return None, f"the Triton kernels do not import ({_first_line(err)})"
     return triton_sort, None
