@@ -23,8 +23,9 @@ import torch
 from neco.errors import ConfigError
 from neco.loss.sorting import diff_sort
 
-# The trial's tolerance: the kernels agree with the sparse path to ~2e-4 in float32 (tests/test_triton_sort.py);
-# a wrong kernel (a miscompiled exchange, a wrong wire) is off by O(1).
+# The trial's tolerance, relative to the largest magnitude of each result: float32 rounding moves the sort's
+# results by ~1e-4 of it even at steepness 1000 (gradients near 300, off by 0.1 from float64), while a wrong
+# kernel (a miscompiled exchange, a wrong wire) is off by the order of the results themselves.
 TRIAL_TOLERANCE = 1e-2
 TRIAL_ROWS = 8
 
@@ -79,11 +80,11 @@ def triton_failure(device: torch.device, network: str = "bitonic", wires: int = 
             values, perm = sort(x, network=network, steepness=steepness, distribution=distribution)
             (grad,) = torch.autograd.grad(values.sum() + (perm * perm).sum(), x)
             results.append((values.detach(), perm.detach(), grad))
-        error = max(float((a - b).abs().max()) for a, b in zip(*results))
+        error = max(float((a - b).abs().max() / b.abs().max().clamp_min(1.0)) for a, b in zip(*results))
     except Exception as err:  # noqa: BLE001 (compiler and driver errors have no common type)
         return f"the Triton kernels failed on {device} ({_first_line(err)})"
     if not error <= TRIAL_TOLERANCE:  # also catches NaN
-        return f"the Triton kernels disagree with the sparse sorter on {device} (max error {error:.3g})"
+        return f"the Triton kernels disagree with the sparse sorter on {device} (relative error {error:.3g})"
     return None
 
 
