@@ -24,7 +24,7 @@ from neco.errors import ConfigError
 from neco.loss.sorting import diff_sort
 
 # The trial's tolerance, relative to the largest magnitude of each result: float32 rounding moves the sort's
-# results by ~1e-4 of it even at steepness 1000 (gradients near 300, off by 0.1 from float64), while a wrong
+# results by ~4e-4 of it even at steepness 1000 (gradients near 300, off by 0.1 from float64), while a wrong
 # kernel (a miscompiled exchange, a wrong wire) is off by the order of the results themselves.
 TRIAL_TOLERANCE = 1e-2
 TRIAL_ROWS = 8
