@@ -239,6 +239,7 @@ def base_config(args):
     cfg = OmegaConf.structured(TrainConfig)  # the published ViT-S/14 recipe's loss and optimizer settings
     cfg.backbone.name, cfg.backbone.weights = args.backbone, "random"
     cfg.data.batch_size, cfg.data.local_size, cfg.compile = args.batch, args.local_size, args.compile
+    cfg.loss.sorter = "sparse"  # the NeCo row's sorter; the triton rows are added where the kernels run
     cfg.merge_with(OmegaConf.from_dotlist(args.overrides))
     return cfg
 

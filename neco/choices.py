@@ -37,7 +37,7 @@ BadImagePolicy = _choice("BadImagePolicy", "skip", "raise")
 # loss.*
 SortNetwork = _choice("SortNetwork", "bitonic", "odd_even")
 Distribution = _choice("Distribution", "cauchy", "logistic", "logistic_phi", "gaussian", "reciprocal", "optimal")
-Sorter = _choice("Sorter", "sparse", "triton", "dense")
+Sorter = _choice("Sorter", "auto", "sparse", "triton", "dense")
 Similarity = _choice("Similarity", "cosine", "euclidean")
 References = _choice("References", "batch", "queue")
 LossMask = _choice("LossMask", "all", "fg", "bg")

@@ -103,7 +103,10 @@ class LossConfig:
     # cauchy | logistic | logistic_phi | gaussian | reciprocal | optimal
     distribution: Distribution = Distribution.cauchy
     art_lambda: float = 0.25
-    sorter: Sorter = Sorter.sparse  # sparse (comparators) | triton (fused CUDA kernels) | dense (slow reference path)
+    # auto: triton on a CUDA device where the kernels run (1.6x the sparse step at 518 px on an H200), sparse
+    # elsewhere (CPU, MPS, no Triton); run_info.json records the choice and why (neco.loss.sorter_choice).
+    # sparse (comparators) | triton (fused CUDA kernels) | dense (slow reference path): the same function.
+    sorter: Sorter = Sorter.auto
     similarity: Similarity = Similarity.cosine  # cosine | euclidean
     references: References = References.queue  # batch (in-batch shuffle) | queue (FIFO of past teacher embeddings)
     queue_length: int = 8192  # summed over processes; each process keeps queue_length / world_size rows
@@ -223,6 +226,10 @@ class TrainConfig:
     seed: int = 400
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    # true: torch.compile both backbones (one H200 step at 518 px with the triton sorter: 209 images/s eager, 282
+    # compiled; bench/README.md). Not chosen automatically: every process compiles again for each crop shape
+    # before its first steps, and inductor has failed on this model's dynamic-shape graph (neco/bench.py keeps
+    # static shapes for that reason), so a compile can cost start-up time or stop a run that runs eagerly.
     compile: bool = False
     max_steps: Optional[int] = None  # stop early (debugging); schedules still span the full run
     checkpoint_every: int = 1000  # optimizer steps; the end of each epoch always checkpoints

@@ -132,16 +132,19 @@ def _train(cfg: DictConfig, run_dir: Path, lock: Optional[RunLock]) -> tuple[dic
     from neco.engine.checkpoint import set_aside_previous_run
     from neco.engine.log import MetricsLogger, environment_info, truncate_metrics
     from neco.engine.optim import build_optimizer, build_schedules, param_groups, select_trainable_blocks
+    from neco.engine.resolved import log_auto_choices, resolved_block
     from neco.engine.setup import build_loader, build_student_teacher, resolve_device, resolve_precision
     from neco.engine.signals import GracefulStop
     from neco.engine.trainer import Trainer
     from neco.launch import DeferredRequeue
     from neco.loss.neco import NeCoLoss
+    from neco.loss.sorter_choice import resolve_sorter
 
     rank, world = dist.rank(), dist.world_size()
     main_process = dist.is_main()
     device = dist.local_device(resolve_device(cfg.device))
     amp_dtype = resolve_precision(cfg.precision, device)
+    sorter = resolve_sorter(cfg.loss, device)  # loss.sorter=triton where it cannot run stops here
     # Before anything is built or written: a refused resume leaves the run directory as it was.
     checkpoint, resume_state, resume = _read_resume(cfg, run_dir)
 
@@ -161,7 +164,7 @@ def _train(cfg: DictConfig, run_dir: Path, lock: Optional[RunLock]) -> tuple[dic
     crop_sizes = [cfg.data.global_size] * cfg.data.num_global + [cfg.data.local_size] * cfg.data.num_local
     # As the reference, the queue is kept per process: loss.queue_length / world rows each (spec 3.4).
     objective = NeCoLoss(cfg.loss, student.backbone.patch_size, crop_sizes, cfg.data.num_global,
-                         cfg.data.batch_size, world_size=world).to(device)
+                         cfg.data.batch_size, world_size=world, sorter=sorter.value).to(device)
     if cfg.loss.mask != "all" and not cfg.loss.use_teacher:
         raise UserError("loss.mask=fg|bg needs the teacher's attention: set loss.use_teacher=true or loss.mask=all")
 
@@ -184,7 +187,10 @@ def _train(cfg: DictConfig, run_dir: Path, lock: Optional[RunLock]) -> tuple[dic
     }
     if main_process:  # rank 0 alone writes the run directory, logs, evaluates and checkpoints
         options = {key: OmegaConf.select(cfg, key) for key in REFERENCE_OPTIONS}
-        info = environment_info(device, cfg.seed) | {"derived": derived, "reference_options": options}
+        resolved = resolved_block(cfg, device, amp_dtype, sorter, optimizer, student.backbone)
+        log_auto_choices(resolved)
+        info = environment_info(device, cfg.seed) | {"derived": derived, "reference_options": options,
+                                                     "resolved": resolved}
         _write_run_files(cfg, run_dir, info, resume, lock)
     log.info("run directory: %s", run_dir)
     log.info("%d images, %d steps/epoch x %d epochs, effective batch %d (%d x %d accumulated x %d "

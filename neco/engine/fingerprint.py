@@ -2,8 +2,9 @@
 
 The fingerprint is the resolved config minus the settings that do not shape the data stream, the model or the
 schedules from the checkpoint on: where the run writes and logs, how often it checkpoints, when it stops
-(`max_steps`; the schedules span `optim.epochs`), loader processes, evaluation, the device, and the starting
-weights (the checkpoint replaces them). Any other difference refuses the resume, unless `resume_force=true`.
+(`max_steps`; the schedules span `optim.epochs`), loader processes, evaluation, the device, how the sort is
+computed (`loss.sorter`), and the starting weights (the checkpoint replaces them). Any other difference refuses
+the resume, unless `resume_force=true`.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from neco.config import TrainConfig
 from neco.engine.checkpoint import ResumeError
 
-# Keys (or key prefixes ending in ".") a resume may change on purpose.
+# Keys (or key prefixes ending in ".") a resume may change on purpose. loss.sorter picks how the same function is
+# computed (sparse, triton and dense agree up to float rounding, tests/test_triton_sort.py), like device and
+# compile: a run started with sparse (the earlier default) resumes under auto, and on another device.
 MAY_CHANGE = (
     "max_steps", "checkpoint_every", "keep_checkpoints", "resume", "resume_force", "run_name", "device",
-    "compile", "logger.", "paths.", "eval.", "data.num_workers",
+    "compile", "loss.sorter", "logger.", "paths.", "eval.", "data.num_workers",
     "backbone.weights", "backbone.strict", "backbone.checkpoint_model",
 )
 

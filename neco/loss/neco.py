@@ -17,6 +17,7 @@ from torchvision.ops import roi_align
 from neco.errors import ConfigError
 from neco.loss.masks import BLUR_PADDINGS, FG_CELL_RULES, foreground_cells
 from neco.loss.pair import SORTERS, pair_loss
+from neco.loss.sorter_choice import resolve_sorter
 from neco.loss.sorting import DISTRIBUTIONS, SORT_NETWORKS
 
 _CHOICES = {
@@ -28,7 +29,7 @@ _CHOICES = {
     "reference_source": ("teacher", "student"),
     "queue_counter": ("shared", "per_queue"),
     "box_scale": ("patch", "grid"),
-    "sorter": tuple(SORTERS),
+    "sorter": ("auto", *SORTERS),
     "mask_blur_padding": BLUR_PADDINGS,
     "fg_cell_rule": FG_CELL_RULES,
 }
@@ -64,10 +65,15 @@ class NeCoLoss(nn.Module):
     """Holds the reference queue (a buffer, saved in checkpoints) and computes the loss of one step."""
 
     def __init__(self, cfg, patch_size: int, crop_sizes: list[int], num_global: int, batch_size: int,
-                 world_size: int = 1):
+                 world_size: int = 1, sorter: Optional[str] = None):
+        """`sorter`: the sorter `cfg.sorter` resolved to (neco.train resolves, logs and records it); without
+        it, `cfg.sorter=auto` is resolved on the device of the first maps the loss sees."""
         super().__init__()
         check_loss_config(cfg)
+        if sorter is not None and sorter not in SORTERS:
+            raise ValueError(f"sorter={sorter!r}: expected one of {', '.join(SORTERS)}")
         self.cfg = cfg
+        self.sorter = sorter or str(cfg.sorter)
         self.patch_size = patch_size
         self.crop_sizes = list(crop_sizes)
         self.num_global = num_global
@@ -140,6 +146,8 @@ class NeCoLoss(nn.Module):
         `boxes`: `{"gc": (B, G, N, 4), "all": (B, N, G, 4)}` in crop pixels; `teacher_fg`: `(G, B, 1, S, S)`
         foreground masks (1 = foreground) for loss.mask=fg|bg."""
         cfg, k = self.cfg, self.k
+        if self.sorter == "auto":
+            self.sorter = resolve_sorter(cfg, student_maps[0].device).value
         # The objective runs in fp32 (float64 stays float64) whatever precision the backbone used.
         student_maps = [_at_least_fp32(m) for m in student_maps]
         teacher_maps = [_at_least_fp32(m) for m in teacher_maps]
@@ -184,6 +192,6 @@ class NeCoLoss(nn.Module):
                 pair_sum = pair_sum + pair_loss(
                     student, teacher, refs, cfg.student_steepness, self.teacher_steepness,
                     network=cfg.network, similarity=cfg.similarity, distribution=cfg.distribution,
-                    art_lambda=cfg.art_lambda, cell_mask=cells, sorter=cfg.sorter)
+                    art_lambda=cfg.art_lambda, cell_mask=cells, sorter=self.sorter)
             total = total + pair_sum / (num_crops - 1)
         return total / self.num_global
