@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import neco.help_texts  # noqa: F401  (the resolvers of `--help`)
+from neco.project import conf_dir
 
 # The readers (.datasets) import torch: they are imported where used, so that `--help` answers at once.
 
@@ -273,7 +274,7 @@ def run_prepare(cfg: DictConfig) -> dict:
     raise ValueError(f"dataset={cfg.dataset!r}: choose voc_aug, coco_stuff or coco_things")
 
 
-@hydra.main(config_path="../../conf", config_name="prepare", version_base="1.3")
+@hydra.main(config_path=str(conf_dir()), config_name="prepare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from .datasets import DatasetNotFound
 
