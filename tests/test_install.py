@@ -128,10 +128,13 @@ def test_installed_launch_composes_a_slurm_job(installed):
 def test_installed_package_takes_configs_from_a_user_folder(installed, tmp_path):
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nrun_name: from-my-folder\nseed: 17\n")
+    (tmp_path / "paths" / "local").mkdir(parents=True)  # a machine's data paths, read when present
+    (tmp_path / "paths" / "local" / "default.yaml").write_text("coco: /datasets/coco/images\n")
     by_config_dir = run_installed(installed, "-m", "neco.train", "--config-dir", str(tmp_path),
                                   "experiment=mine", "--cfg", "job")
     assert by_config_dir.returncode == 0, by_config_dir.stderr[-2000:]
     assert "run_name: from-my-folder" in by_config_dir.stdout and "seed: 17" in by_config_dir.stdout
+    assert "coco: /datasets/coco/images" in by_config_dir.stdout
     by_search_path = run_installed(installed, "-m", "neco.train", f"hydra.searchpath=[file://{tmp_path}]",
                                    "experiment=mine", "seed=3", "--cfg", "job")
     assert by_search_path.returncode == 0, by_search_path.stderr[-2000:]
