@@ -147,4 +147,8 @@ def test_installed_train_runs_two_steps_from_another_folder(installed, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = out / "runs" / "installed"
     assert (run / "checkpoints" / "last.pt").is_file(), sorted(p.name for p in out.rglob("*"))
-    assert "max_steps: 2" in (run / "config.yaml").read_text()
+    config = (run / "config.yaml").read_text()
+    assert "max_steps: 2" in config
+    _, python, _ = installed
+    # The starting checkpoint is the installed package's asset.
+    assert f"weights: {python.parent.parent}/lib/" in config and "/neco/assets/vit_tiny_synthetic.pt" in config
