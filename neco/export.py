@@ -30,6 +30,7 @@ import neco.help_texts  # noqa: F401  (the resolvers of `--help`)
 from neco.cli import checked_command_line, exit_on_user_error
 from neco.config import ExportConfig
 from neco.errors import ConfigError
+from neco.project import conf_dir
 
 log = logging.getLogger("neco.export")
 
@@ -143,7 +144,7 @@ def export_backbone(checkpoint: str, fmt: str, out_dir: str | Path, backbone: st
 
 
 @checked_command_line(ExportConfig)
-@hydra.main(config_path="../conf", config_name="export", version_base="1.3")
+@hydra.main(config_path=str(conf_dir()), config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error("", "/path/to/checkpoint"):
         backbone = cfg.backbone.name if cfg.get("backbone") else None

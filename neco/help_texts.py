@@ -9,11 +9,12 @@ answer before torch loads.
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from neco.project import conf_dir
+
+CONF = conf_dir()
 
 
 def group_choices(group: str, width: int = 100, indent: int = 14) -> str:

@@ -24,9 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from neco.project import conf_dir
+
 log = logging.getLogger("neco")
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = conf_dir()
 DEFAULT_LAUNCHER = "slurm_1gpu"
 
 

@@ -28,8 +28,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 
 from neco.errors import ConfigError
+from neco.project import conf_dir
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = conf_dir()
 
 
 def _field_types(schema: type) -> dict[str, Any]:

@@ -5,6 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+PACKAGE = Path(__file__).resolve().parent
+
+
+def conf_dir() -> Path:
+    """The folder of the Hydra configs: the copy installed inside the package (``neco/conf``, present only when
+    neco was installed from a wheel or ``pip install .``), else the checkout's top-level ``conf/`` (an editable
+    install or ``PYTHONPATH=<checkout>``). Every entry point and every reader of config files goes through here,
+    so an installed package never depends on the working directory."""
+    packaged = PACKAGE / "conf"
+    if (packaged / "train.yaml").is_file():
+        return packaged
+    return PACKAGE.parent / "conf"
+
 
 def project_root(start: str | os.PathLike | None = None) -> Path:
     """The nearest folder at or above ``start`` (default: the working directory) holding ``conf/train.yaml``:

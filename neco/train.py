@@ -22,6 +22,7 @@ import neco.config  # noqa: F401  (registers the config schema and resolvers)
 import neco.help_texts  # noqa: F401  (the resolvers of `--help`)
 from neco.cli import checked_command_line, exit_on_user_error
 from neco.config import REFERENCE_OPTIONS
+from neco.project import conf_dir
 
 if TYPE_CHECKING:
     from neco.engine.run_lock import RunLock
@@ -266,7 +267,7 @@ class _NoLogger:
 
 
 @checked_command_line(neco.config.TrainConfig)
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     import torch
 

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import neco.help_texts  # noqa: F401  (the resolvers of `--help`)
+from neco.project import conf_dir
 
 from .labels import COCO_STUFF_CATEGORIES, COCO_THING_CATEGORIES
 
@@ -177,7 +178,7 @@ def run_check(cfg: DictConfig) -> int:
     return 1 if problems else 0
 
 
-@hydra.main(config_path="../../conf", config_name="check", version_base="1.3")
+@hydra.main(config_path=str(conf_dir()), config_name="check", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     sys.exit(run_check(cfg))
 

@@ -9,8 +9,9 @@
         semantic masks with panoptic category ids (0 = unlabelled) in annotations/{train,val}2017/, from
         panoptic_{train,val}2017.json and its PNGs (what panopticapi's panoptic2semantic_segmentation writes).
 
-Existing outputs are kept unless overwrite=true. Stuff annotations are run-length encoded: decoded here
-without pycocotools (polygons, absent from the stuff files, would need it).
+Existing outputs are kept unless overwrite=true. Stuff annotations are run-length encoded: decoded here,
+checking that the runs cover the image, without pycocotools. Polygon segmentations (absent from the stuff files)
+need pycocotools, the optional dependency `pip install 'neco[prepare]'`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import neco.help_texts  # noqa: F401  (the resolvers of `--help`)
+from neco.project import conf_dir
 
 # The readers (.datasets) import torch: they are imported where used, so that `--help` answers at once.
 
@@ -156,7 +158,11 @@ def rle_counts(counts: str | bytes) -> list[int]:
 
 
 def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
-    """Boolean ``(height, width)`` mask of a COCO ``segmentation`` (compressed or plain RLE)."""
+    """Boolean ``(height, width)`` mask of a COCO ``segmentation`` (compressed or plain RLE, or polygons).
+
+    RLE is decoded here rather than by pycocotools' ``mask.decode``, which gives the same masks but does not check
+    that the runs cover the image: for runs that stop short, pycocotools 2.0.11 returns the rest of the mask
+    uninitialised, where this decoder raises."""
     if isinstance(segmentation, dict):
         runs = segmentation["counts"]
         runs = rle_counts(runs) if isinstance(runs, (str, bytes)) else list(runs)
@@ -165,11 +171,17 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
         if flat.size != height * width:
             raise ValueError(f"RLE covers {flat.size} pixels, the image has {height}x{width}")
         return flat.reshape(width, height).T
-    try:  # polygons: the stuff and panoptic files have none, instance files do
-        from pycocotools import mask as coco_mask
-    except ImportError as e:
-        raise ValueError("polygon segmentations need pycocotools: pip install pycocotools") from e
+    coco_mask = polygon_decoder("polygon segmentations")  # the stuff and panoptic files have none
     return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))).astype(bool)
+
+
+def polygon_decoder(what: str):
+    """pycocotools' ``mask`` module, which decodes polygons; a ValueError naming the extra when it is missing."""
+    try:
+        from pycocotools import mask as coco_mask
+    except ImportError:
+        raise ValueError(f"{what} need pycocotools, which is not installed: pip install 'neco[prepare]'") from None
+    return coco_mask
 
 
 def _stuff_job(job) -> None:
@@ -221,6 +233,8 @@ def prepare_coco_stuff(root: str, splits: Sequence[str], overwrite: bool = False
         path, data = _load_json(root, [f"annotations/stuff_annotations/stuff_{s}.json", f"annotations/stuff_{s}.json",
                                        f"annotations/annotations/stuff_annotations/stuff_{s}.json"],
                                 "the COCO-Stuff annotations")
+        if any(not isinstance(ann["segmentation"], dict) for ann in data["annotations"]):
+            polygon_decoder(f"the polygon segmentations of {path}")  # fails before any mask is written
         out_dir = os.path.join(os.path.dirname(path), f"stuff_{s}_pixelmaps")
         os.makedirs(out_dir, exist_ok=True)
         by_image = defaultdict(list)
@@ -273,7 +287,7 @@ def run_prepare(cfg: DictConfig) -> dict:
     raise ValueError(f"dataset={cfg.dataset!r}: choose voc_aug, coco_stuff or coco_things")
 
 
-@hydra.main(config_path="../../conf", config_name="prepare", version_base="1.3")
+@hydra.main(config_path=str(conf_dir()), config_name="prepare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from .datasets import DatasetNotFound
 

@@ -18,10 +18,11 @@ import neco.config  # noqa: F401  (registers the training schema and resolvers t
 import neco.eval.config  # noqa: F401  (registers the evaluation schema)
 import neco.help_texts  # noqa: F401  (the resolvers of `--help`)
 from neco.cli import checked_command_line, exit_on_user_error
+from neco.project import conf_dir
 
 
 @checked_command_line(neco.eval.config.EvalAppConfig, open_type=neco.eval.config.protocol_option_type)
-@hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=str(conf_dir()), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     # Imported here, not at the top: `--help`, `--cfg job` and config errors answer before torch loads.
     import torch

@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from neco.project import conf_dir
+
+CONF_DIR = conf_dir()
 
 
 @dataclass(frozen=True)
