@@ -1,4 +1,4 @@
-"""Cost of the Hummingbird exact search at Pascal VOC's full size (spec §6.3).
+"""Cost of the Hummingbird exact search at Pascal VOC's full size (METHOD.md §6.3).
 
 Default sizes: 10,240,000 memory patches (1024 x 10^4) of dimension 384 (ViT-S), searched by the 1,449 val images
 x 36 x 36 patches (504 px, patch 14), k = 30. Without ``--full`` a slice is searched (random unit vectors) and the

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# ImageNet statistics, as every DINO/DINOv2/NeCo model is trained and evaluated with (spec §5).
+# ImageNet statistics, as every DINO/DINOv2/NeCo model is trained and evaluated with (METHOD.md §5).
 from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from neco.models.backbone import BACKBONES, Backbone, build_backbone
 from neco.models.weights import WeightsError

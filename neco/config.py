@@ -152,8 +152,8 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    # none | quick (dense NN retrieval + k-means on the synthetic validation split) | kmeans_monitor (spec 6.1)
-    # | attn_monitor (spec 6.6; teacher attention, never run by the reference because of a config bug, 10.5)
+    # none | quick (dense NN retrieval + k-means on the synthetic validation split) | kmeans_monitor (METHOD.md §6.1)
+    # | attn_monitor (METHOD.md §6.6; teacher attention, never run by the reference because of a config bug, §10.5)
     name: TrainEval = TrainEval.none
     before_training: bool = True
     after_training: bool = True

@@ -163,7 +163,7 @@ def _train(cfg: DictConfig, run_dir: Path, lock: Optional[RunLock]) -> tuple[dic
         teacher.backbone.compile()
     ddp = dist.wrap(student, device) if dist.is_enabled() else None
     crop_sizes = [cfg.data.global_size] * cfg.data.num_global + [cfg.data.local_size] * cfg.data.num_local
-    # As the reference, the queue is kept per process: loss.queue_length / world rows each (spec 3.4).
+    # As the reference, the queue is kept per process: loss.queue_length / world rows each (METHOD.md §3.4).
     objective = NeCoLoss(cfg.loss, student.backbone.patch_size, crop_sizes, cfg.data.num_global,
                          cfg.data.batch_size, world_size=world, sorter=sorter.value).to(device)
     if cfg.loss.mask != "all" and not cfg.loss.use_teacher:

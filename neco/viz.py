@@ -104,7 +104,7 @@ def save_crops_figure(
 ) -> Path:
     """Show one image's multi-crop, each crop at its own relative size, with the regions each pair aligns.
 
-    ``boxes["all"][j, g]`` is the overlap of crop ``j`` with global crop ``g`` in crop ``j``'s frame (spec
+    ``boxes["all"][j, g]`` is the overlap of crop ``j`` with global crop ``g`` in crop ``j``'s frame (METHOD.md
     §1.4): it is drawn solid, in global crop ``g``'s colour. On each global crop ``g`` the regions of the
     local crops (``boxes["gc"][g, j]``) are drawn dashed in crop ``j``'s colour, so both ends of every aligned
     pair are visible.

@@ -83,7 +83,7 @@ def test_drop_path_is_linear_per_block():
 
 
 def dinov2_pos_embed(pos_embed, H, W, p):
-    """DINOv2's interpolate_pos_encoding, re-derived from spec §2.3 (CLS entry first)."""
+    """DINOv2's interpolate_pos_encoding, re-derived from METHOD.md §2.3 (CLS entry first)."""
     n = pos_embed.shape[1] - 1
     m = int(math.sqrt(n))
     h, w = H // p, W // p

@@ -1,4 +1,4 @@
-"""Noisy attention foreground and cluster-based foreground extraction (spec §6.5.2-4) on hand-made cases."""
+"""Noisy attention foreground and cluster-based foreground extraction (METHOD.md §6.5.2-4) on hand-made cases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Co-occurrence graph, Infomap merging, matching and tuning of the community detection (spec §6.5.6-8)."""
+"""Co-occurrence graph, Infomap merging, matching and tuning of the community detection (METHOD.md §6.5.6-8)."""
 
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ def test_default_is_the_published_vits14_recipe():
     assert cfg.seed == 400
 
 
-# spec 8.2: config -> (backbone preset, global crop, batch, epochs, lr_backbone, queue)
+# METHOD.md §8.2: config -> (backbone preset, global crop, batch, epochs, lr_backbone, queue)
 PUBLISHED = {
     "neco_224x224": ("dinov2_vits14_reg", 224, 6, 50, 1e-6, False),
     "neco_518x518": ("dinov2_vits14_reg", 518, 6, 50, 1e-6, False),
@@ -100,7 +100,7 @@ PUBLISHED = {
     "base/neco_dinov2r": ("dinov2_vitb14_reg", 518, 16, 25, 1e-6, True),
     "base/neco_dinov2r_xr": ("dinov2_vitb14_xr", 518, 16, 25, 1e-6, True),
 }
-# spec 8.3: ablation -> (dataset, network, student steepness, teacher steepness, use_teacher, mask)
+# METHOD.md §8.3: ablation -> (dataset, network, student steepness, teacher steepness, use_teacher, mask)
 ABLATIONS = {
     "steepness_100_100": ("coco", "bitonic", 100, 100, True, "all"),
     "steepness_1000_1000": ("coco", "bitonic", 1000, 1000, True, "all"),

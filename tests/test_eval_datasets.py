@@ -87,7 +87,7 @@ THING_IDS = {0: 255, 1: 9, 18: 1, 90: 6, 184: 255, 255: 255, 3: 11}  # person 9,
 
 
 def make_coco(root, layout="reference", stems=("000000000139", "000000000285")):
-    if layout == "reference":  # spec §7.2 (the NeCo code)
+    if layout == "reference":  # METHOD.md §7.2 (the NeCo code)
         images, stuff, things = "images/{s}", "annotations/stuff_annotations/stuff_{s}_pixelmaps", "annotations/{s}"
     elif layout == "official":  # COCO's archives unpacked side by side
         images, stuff = "{s}", "annotations/stuff_{s}_pixelmaps"

@@ -1,4 +1,4 @@
-"""Linear segmentation protocol (spec §6.4): augmentation, head, metric quirks, bookkeeping, end to end."""
+"""Linear segmentation protocol (METHOD.md §6.4): augmentation, head, metric quirks, bookkeeping, end to end."""
 
 import math
 import time
@@ -124,7 +124,7 @@ def test_train_subset_and_evaluated_counts(tmp_path):
     assert (tmp_path / "ids.txt").read_text().split() == [f"img{i:04d}" for i in ids]
     assert train_subset(data, 0.1, seed=5) == ids and train_subset(data, 0.1, seed=6) != ids
     assert train_subset(data, 1.0, seed=5) == list(range(118))
-    # VOC val at batch 128 (spec §10.13).
+    # VOC val at batch 128 (METHOD.md §10.13).
     assert evaluated_count(1449, 128, drop_last=True) == 1408
     assert evaluated_count(1449, 128, drop_last=False) == 1449
 

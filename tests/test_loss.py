@@ -1,4 +1,4 @@
-"""The NeCo objective against a float64 re-derivation straight from spec 3.3-3.7, and its invariants."""
+"""The NeCo objective against a float64 re-derivation straight from METHOD.md §3.3-3.7, and its invariants."""
 
 import copy
 from types import SimpleNamespace
@@ -38,7 +38,7 @@ def _unit_maps(batch, dim, side, generator):
 
 
 def _random_boxes(batch, sizes, num_global, generator):
-    """Pairwise boxes of random overlapping crops, computed from absolute boxes as in spec 1.4."""
+    """Pairwise boxes of random overlapping crops, computed from absolute boxes as in METHOD.md §1.4."""
     n = len(sizes)
     gc = torch.zeros(batch, num_global, n, 4, dtype=DT)
     all_ = torch.zeros(batch, n, num_global, 4, dtype=DT)
@@ -60,7 +60,7 @@ def _random_boxes(batch, sizes, num_global, generator):
 
 
 def _reference_step_loss(student_maps, teacher_maps, boxes, patch, beta_s, beta_t, k=7):
-    """Spec 3.3 written out directly: one ROI per image and pair, diffsort as the sorter, float64."""
+    """METHOD.md §3.3 written out directly: one ROI per image and pair, diffsort as the sorter, float64."""
     num_crops, batch = len(student_maps), student_maps[0].shape[0]
     sorter_s = DiffSortNet("bitonic", k * k, steepness=beta_s)
     sorter_t = DiffSortNet("bitonic", k * k, steepness=beta_t)
@@ -121,8 +121,8 @@ STEP_BACKBONES = {  # depth 2 at drop_path_rate 0.1: block rates 0 and float32(0
 @pytest.mark.parametrize("version", list(STEP_BACKBONES))
 def test_full_step_updates_every_parameter_and_the_teacher_as_specified(version):
     """One training step with stochastic depth on: loss and gradients against the re-derivation above, then every
-    student parameter against AdamW's first step (spec 4.1 groups, wd(0), lr(0)) and every teacher parameter
-    against the EMA with the pre-update student (spec 4.4, 4.8)."""
+    student parameter against AdamW's first step (METHOD.md §4.1 groups, wd(0), lr(0)) and every teacher parameter
+    against the EMA with the pre-update student (METHOD.md §4.4, §4.8)."""
     from helpers import randomize_
 
     spec = STEP_BACKBONES[version]
@@ -245,7 +245,7 @@ def test_queue_shared_counter_reproduces_the_reference_bookkeeping():
     teacher = [_unit_maps(batch, 8, 4, g) for _ in range(2)]
     boxes = _random_boxes(batch, sizes, 2, g)
     objective(student, teacher, boxes)
-    # 10 rows per image and teacher crop; the shared counter advanced once per crop (spec 3.4, 10.6).
+    # 10 rows per image and teacher crop; the shared counter advanced once per crop (METHOD.md §3.4, §10.6).
     assert objective.queue_entries.tolist() == [40, 40]
     assert (objective.queue[0, :20].norm(dim=1) > 0.99).all() and (objective.queue[0, 20:] == 0).all()
     fixed = NeCoLoss(_loss_cfg(references="queue", queue_length=400, queue_counter="per_queue"), patch, sizes, 2,

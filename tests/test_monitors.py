@@ -1,4 +1,4 @@
-"""Training-time monitors: the k-means monitor (spec §6.1) and the attention-map monitor (spec §6.6)."""
+"""Training-time monitors: the k-means monitor (METHOD.md §6.1) and the attention-map monitor (METHOD.md §6.6)."""
 
 from pathlib import Path
 

@@ -51,7 +51,7 @@ def intersection_area(a, b) -> int:
 
 
 def test_worked_example_of_the_spec():
-    # Spec §1.4: 640x480 image, gc0 [100, 50, 500, 350] -> 224, lc0 [300, 200, 420, 290] -> 98.
+    # METHOD.md §1.4: 640x480 image, gc0 [100, 50, 500, 350] -> 224, lc0 [300, 200, 420, 290] -> 98.
     abs_boxes = torch.tensor([[100, 50, 500, 350], [0, 0, 640, 480], [300, 200, 420, 290]])
     boxes = pairwise_boxes(abs_boxes, [224, 224, 98], num_global=2)
     assert boxes["gc"].shape == (2, 3, 4) and boxes["all"].shape == (3, 2, 4)
@@ -102,7 +102,7 @@ def test_sampling_follows_the_global_torch_rng():
 
 
 def test_both_boxes_of_a_pair_see_the_same_image_region():
-    """Spec §11.1: ROI-align of the shared region through either crop gives the same 7x7 picture."""
+    """METHOD.md §1.4: ROI-align of the shared region through either crop gives the same 7x7 picture."""
     torch.manual_seed(0)
     transform = MultiCrop(global_size=64, local_size=32, photometric=False)
     errors, shifted_errors = [], []

@@ -1,4 +1,4 @@
-"""Parameter groups, trainable blocks, schedules (spec 4) and the EMA update."""
+"""Parameter groups, trainable blocks, schedules (METHOD.md §4) and the EMA update."""
 
 import math
 from types import SimpleNamespace
@@ -42,7 +42,7 @@ def test_param_groups_follow_the_reference():
     groups = param_groups(backbone, head, _optim_cfg())
     assert [g["name"] for g in groups] == ["backbone_decay", "backbone_no_decay", "head_decay", "head_no_decay"]
     decayed = _names(backbone, groups[0]["params"])
-    # The reference decays every >= 2-D tensor, tokens and position embedding included (spec 4.1, 10.24).
+    # The reference decays every >= 2-D tensor, tokens and position embedding included (METHOD.md §4.1, §10.24).
     assert {"cls_token", "pos_embed", "reg_token", "patch_embed.weight", "blocks.0.1.weight"} <= set(decayed)
     assert "blocks.0.0.weight" not in decayed and "patch_embed.bias" not in decayed
     assert [g["lr"] for g in groups] == [1e-5, 1e-5, 1e-4, 1e-4]

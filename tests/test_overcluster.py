@@ -1,4 +1,4 @@
-"""Overclustering protocol (spec §6.2) end to end: known answers, quirk options, the synthetic split."""
+"""Overclustering protocol (METHOD.md §6.2) end to end: known answers, quirk options, the synthetic split."""
 
 import numpy as np
 import pytest
@@ -111,7 +111,7 @@ def test_permuted_label_space_is_undone_by_matching(tmp_path):
 
 
 def test_drop_last_batch_counts(tmp_path):
-    assert evaluated_images(1449, 32, True) == 1440  # VOC val in the reference (spec §10.13)
+    assert evaluated_images(1449, 32, True) == 1440  # VOC val in the reference (METHOD.md §10.13)
     assert evaluated_images(1449, 32, False) == 1449
     data = ColourCells(n=12)
     dropped = _run(tmp_path / "a", data, ks=["classes"], seeds=[0], batch_size=5, drop_last_batch=True)

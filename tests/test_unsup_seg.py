@@ -1,4 +1,4 @@
-"""The CBFE + community detection protocol end to end (spec §6.5) on small synthetic data, on CPU."""
+"""The CBFE + community detection protocol end to end (METHOD.md §6.5) on small synthetic data, on CPU."""
 
 from __future__ import annotations
 

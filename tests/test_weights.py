@@ -4,7 +4,7 @@ our code.
 The DINOv2 layout comes from the ``dinov2`` package (0.0.1.dev2 on PyPI, the official model code, which predates
 registers) when it is installed, and otherwise from a timm model plus ``mask_token``. Registers are checked
 against timm's own conversion and forward of the official register checkpoints. ``hub_reference`` is a
-DINOv2/DINO forward written from the spec (§2.1-2.3) on the checkpoint tensors, itself checked against the
+DINOv2/DINO forward written from METHOD.md §2.1-2.3 on the checkpoint tensors, itself checked against the
 ``dinov2`` package. Layouts of other projects (NeCo,
 Leopart, TimeT, DINO, this project) are tested in test_export.py.
 """
@@ -174,7 +174,7 @@ def test_dinov2_hub_checkpoint_with_registers(hub_reg_sd, tmp_path, monkeypatch)
     with torch.no_grad():
         torch.testing.assert_close(b(x), ref.eval().forward_features(x)[:, 5:].reshape(1, 37, 37, 384),
                                    rtol=1e-5, atol=1e-5)
-    for size in [(224, 224), (98, 126)]:  # other sizes: DINOv2's interpolation (spec §2.3)
+    for size in [(224, 224), (98, 126)]:  # other sizes: DINOv2's interpolation (METHOD.md §2.3)
         x = torch.randn(2, 3, *size)
         with torch.no_grad():
             torch.testing.assert_close(b(x), hub_reference(hub_reg_sd, x, 6, 14), rtol=1e-5, atol=1e-5)

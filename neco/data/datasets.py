@@ -1,7 +1,7 @@
 """On-disk training image readers (COCO, ImageNet(-100), Pascal VOC trainaug, any image folder).
 
 Training only needs images, so every reader here returns ``transform(image)``. Folder layouts follow
-spec §1.1 and §7. A missing or empty dataset folder raises :class:`DatasetNotFound` whose message names
+METHOD.md §1.1 and §7. A missing or empty dataset folder raises :class:`DatasetNotFound` whose message names
 the ``paths.<key>`` config entry to fix, the path that was tried and what it should contain.
 """
 
@@ -149,9 +149,9 @@ def _require_images(
 
 
 def coco_train(root: PathLike, transform: Callable | None = None, key: str = "coco") -> ImageFileDataset:
-    """COCO train2017 images: ``root`` directly contains ``train2017/`` (spec §1.1).
+    """COCO train2017 images: ``root`` directly contains ``train2017/`` (METHOD.md §1.1).
 
-    The COCO root itself (holding ``images/train2017``, the evaluation layout of spec §7.2) is accepted
+    The COCO root itself (holding ``images/train2017``, the evaluation layout of METHOD.md §7.2) is accepted
     too: it names the same images, so one ``paths.coco`` serves training and evaluation.
     """
     root = os.path.expanduser(os.fspath(root))
@@ -258,7 +258,7 @@ def read_ids(path: str, key: str, root: PathLike, what: str) -> list[str]:
 
 
 def voc_trainaug(root: PathLike, transform: Callable | None = None, key: str = "voc") -> ImageFileDataset:
-    """Pascal VOC ``trainaug`` images (spec §7.1), listed by ``sets/trainaug.txt`` (see :func:`find_voc`).
+    """Pascal VOC ``trainaug`` images (METHOD.md §7.1), listed by ``sets/trainaug.txt`` (see :func:`find_voc`).
 
     ``python -m neco.data.prepare dataset=voc_aug`` writes that list from VOC and SBD.
     """

@@ -1,13 +1,13 @@
-"""Evaluation datasets: images with pixel masks already mapped to train ids (spec §6, §7).
+"""Evaluation datasets: images with pixel masks already mapped to train ids (METHOD.md §6, §7).
 
 Every protocol reads its data through :func:`build_eval_dataset`. A :class:`SegmentationDataset` yields
 ``(PIL RGB image, LongTensor mask (H, W))`` and carries ``name``, ``split``, ``num_classes``, ``ignore_index``,
 ``class_names``, ``image_id(i)`` (the file stem) and ``select(ids)`` (a subset, e.g. a low-shot file list).
 
-Masks are read as stored values (palette PNGs give their palette index, never a colour; spec §7.6), mapped
+Masks are read as stored values (palette PNGs give their palette index, never a colour; METHOD.md §7.6), mapped
 through the lookup tables of :mod:`neco.data.labels`; a value no valid file contains raises
 :class:`MaskError` naming the file. Images are not EXIF-rotated here: masks are drawn on the stored pixels.
-Layouts: the reference code's, its DATASET.md's where they disagree (spec §10.18), and the official archives'.
+Layouts: the reference code's, its DATASET.md's where they disagree (METHOD.md §10.18), and the official archives'.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ ROOT_KEYS = {"voc": "voc", "coco_stuff": "coco_eval", "coco_things": "coco_eval"
              "cityscapes": "cityscapes"}
 # The splits of each dataset; VOC "train" is trainaug (10,582), "train_1464" the 1,464 segmentation train list.
 SPLITS = {"voc": ("train", "trainaug", "train_1464", "val"), "synthetic": ("train", "val", "test")}
-# Image counts of the complete datasets (spec §6, §7), per canonical split.
+# Image counts of the complete datasets (METHOD.md §6, §7), per canonical split.
 KNOWN_COUNTS = {
     "voc": {"trainaug": 10582, "train_1464": 1464, "val": 1449},
     "coco_stuff": {"train": 118287, "val": 5000},

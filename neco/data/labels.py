@@ -1,4 +1,4 @@
-"""Class names and raw-id -> train-id lookup tables of the evaluation datasets (spec §7).
+"""Class names and raw-id -> train-id lookup tables of the evaluation datasets (METHOD.md §7).
 
 Each table is a numpy lookup array ``lut`` indexed by the raw value stored in a mask file: ``lut[v]`` is the
 train id (or the ignore index), and ``-1`` marks a value that no valid file of that dataset contains, so that
@@ -53,7 +53,7 @@ CITYSCAPES_CLASSES = (
     "road,sidewalk,building,wall,fence,pole,traffic light,traffic sign,vegetation,terrain,sky,person,rider,car,"
     "truck,bus,train,motorcycle,bicycle"
 ).split(",")
-# Spec §7.4: labelIds -> train ids; every other id in 0..33 is 255.
+# METHOD.md §7.4: labelIds -> train ids; every other id in 0..33 is 255.
 CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                         25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
@@ -116,7 +116,7 @@ def identity_lut(num_classes: int, extra: Iterable[int] = ()) -> np.ndarray:
 
 
 def cityscapes_lut() -> np.ndarray:
-    """labelIds 0..33 -> 19 train ids, the rest of 0..33 -> 255 (spec §7.4)."""
+    """labelIds 0..33 -> 19 train ids, the rest of 0..33 -> 255 (METHOD.md §7.4)."""
     lut = _lut(256)
     lut[:34] = 255
     for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
@@ -125,7 +125,7 @@ def cityscapes_lut() -> np.ndarray:
 
 
 def coco_stuff_lut(categories: Iterable[Mapping] = COCO_STUFF_CATEGORIES) -> tuple[np.ndarray, list[str]]:
-    """COCO-Stuff-15 (spec §7.2): stuff id -> index of its supercategory among the sorted supercategories
+    """COCO-Stuff-15 (METHOD.md §7.2): stuff id -> index of its supercategory among the sorted supercategories
     other than "other"; 0 (unlabelled, read as 183 "other") and "other" -> 255. Pixelmaps hold 0 and 92..183
     only (the reference asserts it), so anything else is an error."""
     cats = list(categories)
@@ -139,7 +139,7 @@ def coco_stuff_lut(categories: Iterable[Mapping] = COCO_STUFF_CATEGORIES) -> tup
 
 
 def coco_things_lut(categories: Iterable[Mapping] = COCO_THING_CATEGORIES) -> tuple[np.ndarray, list[str]]:
-    """COCO-Things-12 (spec §7.2): thing id -> index of its supercategory among the sorted thing
+    """COCO-Things-12 (METHOD.md §7.2): thing id -> index of its supercategory among the sorted thing
     supercategories; 0 (unlabelled), stuff ids and other ids up to 200, and 255 -> 255, as the reference does.
     Values 201..254 are no panoptic category: an error."""
     things = [c for c in categories if c.get("isthing", 1) == 1]

@@ -1,8 +1,8 @@
 """Multi-crop training transform: global and local crops plus the boxes of their shared regions.
 
 Each image gives ``num_global`` global crops and ``num_local`` local crops, sampled one after the other
-(spec §1.2). Every crop must overlap every global crop sampled before it, so that each (global, any) crop
-pair shares an image region; the boxes of that region are returned in both crops' pixel frames (spec §1.4)
+(METHOD.md §1.2). Every crop must overlap every global crop sampled before it, so that each (global, any) crop
+pair shares an image region; the boxes of that region are returned in both crops' pixel frames (METHOD.md §1.4)
 so the loss can ROI-align the two feature maps onto a common grid.
 
 The geometry is kept in pure functions (:func:`sample_crop_boxes`, :func:`pairwise_boxes`) so it can be
@@ -54,9 +54,9 @@ def sample_crop_boxes(
 
     Crops are drawn in the order global 0..G-1, then local. A crop is redrawn while its intersection area
     with any earlier global crop is ``<= int(A * min_intersection)`` (A = image area); global crops after
-    the first need twice that (the spec's rule for the second global crop, extended to any further ones).
+    the first need twice that (METHOD.md §1.2's rule for the second global crop, extended to any further ones).
     After ``max_resample`` redraws of one crop a :class:`CropSamplingError` (a ``ValueError``) is raised
-    instead of looping forever (the reference loops without bound, spec §10.12).
+    instead of looping forever (the reference loops without bound, METHOD.md §10.12).
     """
     if width < 1 or height < 1:
         raise ValueError(f"cannot crop an empty image of size {width}x{height}")
@@ -91,7 +91,7 @@ def pairwise_boxes(abs_boxes: torch.Tensor, sizes: Sequence[int], num_global: in
     ``abs_boxes``: ``(N, 4)`` absolute ``[x1, y1, x2, y2]``; ``sizes``: output side of each crop.
     Returns ``{"gc": (num_global, N, 4), "all": (N, num_global, 4)}`` float32 where ``gc[g, j]`` is the
     intersection of crops g and j in crop g's frame and ``all[j, g]`` the same region in crop j's frame
-    (spec §1.4). Raises ``ValueError`` if some pair does not overlap.
+    (METHOD.md §1.4). Raises ``ValueError`` if some pair does not overlap.
     """
     # float64 so that exact ratios such as 224 * 200 / 400 come out exact before the final cast.
     b = abs_boxes.to(torch.float64).reshape(-1, 4)
@@ -122,7 +122,7 @@ class RandomPILGaussianBlur:
     """PIL Gaussian blur with radius (= std) ``sigma ~ U(lo, hi)`` applied with probability ``p``.
 
     torchvision's GaussianBlur uses a fixed kernel size, which is not the same filter as PIL's radius-only
-    blur the spec prescribes, hence this small transform. Draws come from the global torch RNG.
+    blur METHOD.md §1.3 prescribes, hence this small transform. Draws come from the global torch RNG.
     """
 
     def __init__(self, p: float = 0.5, sigma: Sequence[float] = (0.1, 2.0)):
@@ -140,7 +140,7 @@ class RandomPILGaussianBlur:
 
 
 def photometric_transform(jitter_strength: float = 1.0, blur_strength: float = 1.0) -> T.Compose:
-    """Spec §1.3: colour jitter (p 0.8) -> grayscale (p 0.2) -> PIL Gaussian blur (p 0.5), on PIL images."""
+    """METHOD.md §1.3: colour jitter (p 0.8) -> grayscale (p 0.2) -> PIL Gaussian blur (p 0.5), on PIL images."""
     s, b = jitter_strength, blur_strength
     return T.Compose(
         [
@@ -152,7 +152,7 @@ def photometric_transform(jitter_strength: float = 1.0, blur_strength: float = 1
 
 
 class MultiCrop:
-    """Image -> ``(crops, boxes)`` for NeCo training (spec §1.2-1.5).
+    """Image -> ``(crops, boxes)`` for NeCo training (METHOD.md §1.2-1.5).
 
     ``crops``: list of ``num_global`` tensors ``(3, global_size, global_size)`` followed by ``num_local``
     tensors ``(3, local_size, local_size)``, ImageNet-normalised. ``boxes``: ``{"gc": (num_global, N, 4),

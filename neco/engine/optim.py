@@ -1,4 +1,5 @@
-"""Parameter groups, trainable blocks, and step-indexed schedules for lr, weight decay and EMA momentum (spec 4)."""
+"""Parameter groups, trainable blocks, and step-indexed schedules for lr, weight decay and EMA momentum
+(METHOD.md §4)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from torch import nn
 from neco.errors import ConfigError
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-# Parameters the reference decays because they are >= 2-D (spec 4.1, 10.24); optim.decay_tokens=false spares them.
+# Parameters the reference decays because they are >= 2-D (METHOD.md §4.1, §10.24); optim.decay_tokens=false
+# spares them.
 TOKEN_PARAMS = ("cls_token", "pos_embed", "reg_token", "register_tokens", "mask_token")
-# What a step whose loss is exactly zero does to the step counter that indexes the schedules (spec 4.8).
+# What a step whose loss is exactly zero does to the step counter that indexes the schedules (METHOD.md §4.8).
 ZERO_LOSS_STEPS = ("advance", "hold")
 
 
@@ -25,7 +27,7 @@ def block_index(name: str) -> int | None:
 
 
 def select_trainable_blocks(backbone: nn.Module, trainable_blocks) -> list[str]:
-    """Freeze every backbone parameter outside the selected blocks (spec 4.5); returns the frozen names.
+    """Freeze every backbone parameter outside the selected blocks (METHOD.md §4.5); returns the frozen names.
 
     `None` trains everything; an int n selects `sorted(blocks)[n:]` (negative n: the last |n| blocks);
     a list selects those block ids. Patch embedding, tokens, position embedding and final norm are frozen
@@ -59,7 +61,7 @@ def _decayed(name: str, param: nn.Parameter, decay_tokens: bool) -> bool:
 
 
 def param_groups(backbone: nn.Module, head: nn.Module, cfg) -> list[dict]:
-    """The reference's four AdamW groups in order: backbone decayed / not, head decayed / not (spec 4.1).
+    """The reference's four AdamW groups in order: backbone decayed / not, head decayed / not (METHOD.md §4.1).
 
     Each group carries `name` and `decay` (whether the weight-decay schedule is written into it).
     """
@@ -80,7 +82,7 @@ def param_groups(backbone: nn.Module, head: nn.Module, cfg) -> list[dict]:
 
 
 def cosine(start: float, end: float, total: int) -> np.ndarray:
-    """`end + (start - end) * (1 + cos(pi t / T)) / 2` for t = 0 .. T-1 (spec 4.2-4.4)."""
+    """`end + (start - end) * (1 + cos(pi t / T)) / 2` for t = 0 .. T-1 (METHOD.md §4.2-4.4)."""
     t = np.arange(total, dtype=np.float64)
     return end + 0.5 * (start - end) * (1.0 + np.cos(math.pi * t / total))
 

@@ -94,7 +94,7 @@ def _disable_drop_path(module: nn.Module) -> None:
 def build_student_teacher(backbone_cfg, loss_cfg, cache_dir: str | None = None):
     """Student (stochastic depth) and teacher (none) share the loaded backbone weights; the heads are random.
 
-    The reference initialises the two heads independently (spec 10.3); loss.teacher_head_init=copy starts the
+    The reference initialises the two heads independently (METHOD.md §10.3); loss.teacher_head_init=copy starts the
     teacher head as a copy of the student's instead.
     """
     backbone = build_backbone(backbone_cfg.name, weights=backbone_cfg.weights, strict=backbone_cfg.strict,

@@ -244,7 +244,7 @@ class Trainer:
                         continue
                     if self._has_grads:
                         grad_norm = self._optimizer_step()
-                    else:  # every micro-batch had a zero loss: no update, no EMA, but the step counts (spec 4.8)
+                    else:  # every micro-batch had a zero loss: no update, no EMA, but the step counts (METHOD.md §4.8)
                         grad_norm, self.state.step = None, self.state.step + 1
                     self._has_grads = False
                     bar.update(1)

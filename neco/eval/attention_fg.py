@@ -1,4 +1,4 @@
-"""Noisy foreground masks from the last block's CLS attention (spec §6.5.2), the input of CBFE.
+"""Noisy foreground masks from the last block's CLS attention (METHOD.md §6.5.2), the input of CBFE.
 
 Per image: the CLS->patch attention of the last block is averaged over heads, blurred (Gaussian, sigma 0.6,
 7x7 kernel, reflect padding, as torchvision's ``GaussianBlur``), then the most attended cells holding 65 % of

@@ -1,4 +1,4 @@
-"""Cluster-based foreground extraction (CBFE, spec §6.5.4).
+"""Cluster-based foreground extraction (CBFE, METHOD.md §6.5.4).
 
 Token clusters (spherical k-means over train+val) are scored by how much of each cluster the noisy attention
 foreground covers; the clusters scoring above a threshold are foreground. The threshold is found on the
@@ -84,7 +84,7 @@ def select_threshold(
     cut_high: float = 0.75,
     step: float = 0.05,
 ) -> tuple[float, dict]:
-    """The CBFE precision threshold from the train split (spec §6.5.4).
+    """The CBFE precision threshold from the train split (METHOD.md §6.5.4).
 
     Cuts ``start`` in ``range(int(cut_low * k), int(cut_high * k))`` put the ``start`` lowest-precision clusters
     in the background; the best cut (highest mean per-image Jaccard; ties -> the later cut, as the reference's

@@ -1,4 +1,4 @@
-"""Standardisation, PCA, faiss k-means and cluster scoring shared by the clustering evaluations (spec §6.1, §6.2).
+"""Standardisation, PCA, faiss k-means and cluster scoring shared by the clustering evaluations (METHOD.md §6.1, §6.2).
 
 The feature sets are large (VOC val at 448 px: 1.5M tokens of dimension 384; the in-training monitor upsamples
 640 images to 100x100: 6.4M vectors), so every stage reads its input as a stream of row chunks and only the
@@ -63,9 +63,9 @@ class Standardizer:
     The accumulators are float64 and chunks are merged with the pairwise update of Chan et al., the update
     sklearn's ``StandardScaler.partial_fit`` uses, so the result does not depend on the chunking.
 
-    ``eps > 0``: ``scale = std + eps`` (the in-training monitor's formula, spec §6.1). ``eps == 0``:
+    ``eps > 0``: ``scale = std + eps`` (the in-training monitor's formula, METHOD.md §6.1). ``eps == 0``:
     ``scale = std`` with sklearn's rule for constant dimensions (variance within float64 rounding of zero
-    -> scale 1), which is what the overclustering script gets from ``StandardScaler`` (spec §6.2).
+    -> scale 1), which is what the overclustering script gets from ``StandardScaler`` (METHOD.md §6.2).
     """
 
     def __init__(self, eps: float = 1e-5):
@@ -293,7 +293,7 @@ def score_clusters(
     exclude_class: int | None = None,
     background: int = 0,
 ) -> dict:
-    """Match clusters to classes and score them (spec §6.7).
+    """Match clusters to classes and score them (METHOD.md §6.7).
 
     ``criterion``: ``hungarian`` (one-to-one on IoU, unmatched clusters -> class 0), ``precision`` or ``iou``
     (many-to-one). ``exclude_class``: a class id left out of the mIoU average (ADE20K's ignored label 0, spec

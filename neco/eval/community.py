@@ -1,4 +1,4 @@
-"""Community detection over cluster co-occurrences (spec §6.5.6-8): graph, Infomap, merging, tuning.
+"""Community detection over cluster co-occurrences (METHOD.md §6.5.6-8): graph, Infomap, merging, tuning.
 
 Clusters that are often spatial neighbours are likely parts of one object class. Per image, grey-level
 co-occurrence counts (scikit-image's ``graycomatrix`` semantics) between the cluster ids of the 100x100 maps
@@ -33,7 +33,7 @@ __all__ = [
     "tune",
 ]
 
-# The reference's 8 directions list 4*pi/3 where 5*pi/4 completes the 8-neighbourhood (spec §10.17).
+# The reference's 8 directions list 4*pi/3 where 5*pi/4 completes the 8-neighbourhood (METHOD.md §10.17).
 REFERENCE_ANGLES = (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4, math.pi, 4 * math.pi / 3, 3 * math.pi / 2,
                     7 * math.pi / 4)
 FIXED_ANGLES = (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4, math.pi, 5 * math.pi / 4, 3 * math.pi / 2,
@@ -146,7 +146,7 @@ def score_merged(cluster_conf: torch.Tensor, lut: torch.Tensor, num_classes: int
     """Hungarian-matched mIoU of merged clusters from the ``(C, L)`` class x cluster confusion matrix.
 
     The merged ids (``lut[cluster]``) form a rectangular ``(C, max(C, max id + 1))`` matrix: the reference's
-    ``PredsmIoU(21, 21)`` instead assumes ids below 21 (spec §10.17); here every id takes part in the
+    ``PredsmIoU(21, 21)`` instead assumes ids below 21 (METHOD.md §10.17); here every id takes part in the
     one-to-one matching and unmatched ids count as class 0 (``neco.eval.metrics.hungarian_match``).
     """
     num_pred = max(num_classes, int(lut.max()) + 1)

@@ -22,7 +22,7 @@ from neco.overrides import field_type
 class EvalAppConfig(TrainConfig):
     eval: Any = field(default_factory=dict)  # {protocol: options}, from eval=<protocol> or eval=[p1,p2]
     checkpoint: Optional[str] = None  # a checkpoint of this project or any backbone file; null: backbone.weights
-    checkpoint_model: EvalCheckpointModel = EvalCheckpointModel.student  # student (spec §5) | teacher
+    checkpoint_model: EvalCheckpointModel = EvalCheckpointModel.student  # student (METHOD.md §5) | teacher
     batch_size: int = 32  # feature extraction
     num_workers: int = 4  # loader processes (at most the number of CPU cores)
     cache_features: bool = True  # features of a split are extracted once per (weights, data, resolution)

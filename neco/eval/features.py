@@ -1,4 +1,4 @@
-"""Frozen patch features at evaluation resolution (spec §5), extracted once and cached on disk.
+"""Frozen patch features at evaluation resolution (METHOD.md §5), extracted once and cached on disk.
 
 Every protocol reads the same thing: the backbone's final-norm patch tokens (CLS and registers dropped, no
 projection head) of square-resized, ImageNet-normalised images, and the ground truth resized with nearest
@@ -29,7 +29,7 @@ from neco.eval.label_resize import CENTRE, LEGACY_NEAREST, resize_label_map
 
 log = logging.getLogger(__name__)
 
-# The Hummingbird evaluator's normalisation: its blue std reads 0.255 (spec §10.19). Kept as its default.
+# The Hummingbird evaluator's normalisation: its blue std reads 0.255 (METHOD.md §10.19). Kept as its default.
 HUMMINGBIRD_STD = (0.229, 0.224, 0.255)
 
 
@@ -40,7 +40,7 @@ def resize_image(img: Image.Image, size: int) -> np.ndarray:
 
 def resize_mask(mask, size: int, mask_size: int | None = None, label_resize: str = LEGACY_NEAREST,
                 input_resize: str = CENTRE) -> np.ndarray:
-    """Nearest resize of a label map to ``size``, then (if given) nearest again to ``mask_size``: spec §5.
+    """Nearest resize of a label map to ``size``, then (if given) nearest again to ``mask_size``: METHOD.md §5.
 
     ``input_resize``: how the loader brings the mask to the input size (NeCo's loaders resize the PIL mask:
     ``centre``; the Hummingbird evaluator resizes a tensor: ``legacy_nearest``). ``label_resize``: how the

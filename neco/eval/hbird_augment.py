@@ -1,4 +1,4 @@
-"""The Hummingbird evaluator's training-time augmentation of (image, mask) pairs (spec §6.3).
+"""The Hummingbird evaluator's training-time augmentation of (image, mask) pairs (METHOD.md §6.3).
 
 Per image, in the reference's order: four independent colour-jitter ops on the PIL image (brightness, contrast,
 saturation, hue, each range 0.1, each applied with probability 0.5), to-tensor, normalisation, then one

@@ -1,4 +1,4 @@
-"""The Hummingbird memory ("support set"): augmented training patches, their features and label counts (§6.3).
+"""The Hummingbird memory ("support set"): augmented training patches, their features and label counts (METHOD.md §6.3).
 
 For every augmentation epoch and training image: run the frozen model on the augmented crop, L2-normalise the
 patch features, count the classes of the ``p x p`` pixels under every patch, keep every patch (unbounded memory)
@@ -60,7 +60,7 @@ def patch_label_counts(
 ) -> torch.Tensor:
     """Pixel counts per class under every patch: ``(B, S*S, C)`` int64, patches in row-major order.
 
-    ``ignore_to_background=True`` is the reference (spec §10.19): label 255 becomes class 0 and every other
+    ``ignore_to_background=True`` is the reference (METHOD.md §10.19): label 255 becomes class 0 and every other
     label is a class, so a patch's counts always sum to ``p * p``. ``False`` leaves the dataset's
     ``ignore_index`` pixels out of the counts (a patch of only such pixels is empty).
     """

@@ -1,4 +1,4 @@
-"""Hummingbird dense nearest-neighbour retrieval (in-context segmentation), spec §6.3, as open-hummingbird-eval.
+"""Hummingbird dense nearest-neighbour retrieval (in-context segmentation), METHOD.md §6.3, as open-hummingbird-eval.
 
 Memory: augmented training crops (``hbird_augment``), their L2-normalised patch features and per-patch label
 counts, all patches or a rarity-sampled quota per image (``hbird_memory``). Queries: the validation patch
@@ -45,7 +45,7 @@ class HummingbirdOptions:
     # Square input size; null = the evaluator's published setting: 504 for patch 14, 512 for patch 16, and for
     # other patch sizes the multiple of the patch size nearest to 512. S = image_size / patch.
     image_size: int | None = None
-    # The evaluator's own default is 1; its README numbers (spec §9.6) use 2, so 2 is ours.
+    # The evaluator's own default is 1; its README numbers (METHOD.md §9.6) use 2, so 2 is ours.
     augmentation_epochs: int = 2
     # Memory rows; null = every patch of every augmented image. 102400 / 1024000 / 10240000 are the standard
     # sizes; 10240000 gives the full-data numbers.
@@ -70,7 +70,7 @@ class HummingbirdOptions:
     jitter_p: float = 0.5  # probability of each of the four jitter ops
     batch_size: int | None = None  # memory-building batch; null = the context's
     query_block: int = 4096  # query patches per search call
-    # Reference quirks (spec §10.19), the reference's behaviour by default:
+    # Reference quirks (METHOD.md §10.19), the reference's behaviour by default:
     blue_std_typo: bool = True  # normalise with blue std 0.255 (train and val); false: 0.225
     ignore_to_background: bool = True  # label 255 -> class 0 in the memory; false: left out of the histograms
     hungarian: bool = True  # Hungarian matching of predictions to classes before the mIoU; false: identity

@@ -1,4 +1,4 @@
-"""Linear segmentation (spec §6.4; the reference's ``linear_finetune.py`` and ``eval_linear.py``).
+"""Linear segmentation (METHOD.md §6.4; the reference's ``linear_finetune.py`` and ``eval_linear.py``).
 
 A 1x1 convolution ``D -> C`` is trained on the frozen backbone's patch tokens, its logits bilinearly
 upsampled to 100x100 masks, with SGD for 25 epochs; the val mIoU (identity matching, all classes) is taken
@@ -61,11 +61,11 @@ class LinearOptions:
     hflip: float = 0.5
     augment: bool = True  # false: train on cached unaugmented features (fast; not the published protocol)
     train_fraction: float = 1.0  # COCO-Stuff/Things: 0.1 of train2017 (per_dataset in conf/eval/linear.yaml)
-    # Reference quirk (spec §10.14): the ADE20K training loader is not shuffled. null: as the reference's loader
+    # Reference quirk (METHOD.md §10.14): the ADE20K training loader is not shuffled. null: as the reference's loader
     # for the dataset (ADE20K false, every other true).
     shuffle: Optional[bool] = None
     drop_last: bool = True  # the training loader drops its last partial batch, as the reference
-    # Reference quirk (spec §10.13): VOC's val loader drops its last partial batch, so in-training validation
+    # Reference quirk (METHOD.md §10.13): VOC's val loader drops its last partial batch, so in-training validation
     # scores 1,408 of 1,449 images at batch 128. null: as the reference's loader for the dataset (VOC true; the
     # COCO loaders keep every image, and so do the others here). Head-only evaluation (``head``) always scores
     # the whole split, as eval_linear.py does.
@@ -73,7 +73,7 @@ class LinearOptions:
     val_batch_size: int = 128  # the reference's val batch (= train batch); only decides what drop_last_val drops
     val_every: int = 1  # epochs between validations (the last epoch is always validated)
     keep_top: int = 3  # best heads kept in <out_dir>/heads
-    # Reference quirk (spec §10.14), as eval.overcluster.miou_classes: "all" averages every class id, so with
+    # Reference quirk (METHOD.md §10.14), as eval.overcluster.miou_classes: "all" averages every class id, so with
     # ADE20K (151 ids, 0 ignored) the ignore id's IoU, always 0, is averaged in; "exclude_ignore" leaves that
     # id out (150 classes, x151/150).
     miou_classes: MiouClasses = MiouClasses.all
@@ -87,7 +87,7 @@ class LinearOptions:
     label_resize: LabelResize = LabelResize.legacy_nearest
 
 
-# The reference's loaders by dataset (spec §10.13, §10.14).
+# The reference's loaders by dataset (METHOD.md §10.13, §10.14).
 _VAL_DROPS_LAST_BATCH = {"voc"}
 _TRAIN_NOT_SHUFFLED = {"ade20k"}
 

@@ -1,4 +1,4 @@
-"""Training data of the linear segmentation protocol (spec §6.4): joint image/mask augmentation and subsets.
+"""Training data of the linear segmentation protocol (METHOD.md §6.4): joint image/mask augmentation and subsets.
 
 The augmentation is the reference's: a RandomResizedCrop of image and mask together (torchvision's sampling
 rule, bilinear image, nearest mask) to the input size, then a horizontal flip with probability 0.5. The
@@ -126,7 +126,7 @@ def _image_ids(dataset, indices: Sequence[int]) -> list[str]:
 def train_subset(dataset, fraction: float, seed: int, out_file: Path | None = None) -> list[int]:
     """Indices of a seeded random ``fraction`` of ``dataset`` (all of it, in order, for 1.0).
 
-    COCO-Stuff/Things train on a random 10 % of train2017 (spec §6.4): ``int(N * fraction)`` images, as the
+    COCO-Stuff/Things train on a random 10 % of train2017 (METHOD.md §6.4): ``int(N * fraction)`` images, as the
     reference, drawn from the images sorted by id so that the draw depends on the seed only (the reference
     shuffled an unordered directory listing, which no one can reproduce). The chosen ids are written to
     ``out_file``, one per line, so a result can be re-run on exactly its images.
@@ -153,6 +153,6 @@ def train_subset(dataset, fraction: float, seed: int, out_file: Path | None = No
 def evaluated_count(n: int, batch_size: int, drop_last: bool) -> int:
     """Images a sequential loader of ``batch_size`` visits: all, or only the full batches with ``drop_last``.
 
-    E.g. VOC val, 1,449 images at batch 128 with ``drop_last``: 11 batches, 1,408 images (spec §10.13).
+    E.g. VOC val, 1,449 images at batch 128 with ``drop_last``: 11 batches, 1,408 images (METHOD.md §10.13).
     """
     return (n // batch_size) * batch_size if drop_last else n

@@ -1,4 +1,4 @@
-"""The linear segmentation head and its scoring (spec §6.4): 1x1 convolution, upsampled logits, mIoU.
+"""The linear segmentation head and its scoring (METHOD.md §6.4): 1x1 convolution, upsampled logits, mIoU.
 
 The reference upsamples the ``(B, D, h, w)`` patch features bilinearly to the mask size and applies the 1x1
 convolution there. Both operations are linear and bilinear weights sum to one (the bias passes through), so
@@ -87,7 +87,7 @@ def linear_miou(
 
     When the ignore index is itself a class id (ADE20K: 151 labels, 0 ignored), no pixel of that class is
     ever scored, so its IoU is 0. ``count_ignore_class`` (the reference) still averages it in: mIoU over 151
-    classes, i.e. 150/151 of the mean over the other 150 (spec §10.14). Otherwise it is left out.
+    classes, i.e. 150/151 of the mean over the other 150 (METHOD.md §10.14). Otherwise it is left out.
     """
     iou, miou, acc = iou_from_confusion(conf)
     num_classes = conf.shape[0]

@@ -1,4 +1,4 @@
-"""Low-shot training subsets (spec §6.3): fixed image-id lists per (dataset, fraction, seed).
+"""Low-shot training subsets (METHOD.md §6.3): fixed image-id lists per (dataset, fraction, seed).
 
 A list is read from ``subset_dir`` when the user has one, otherwise generated deterministically from the seed.
 Either way it is saved next to the result so that the number can be reproduced.

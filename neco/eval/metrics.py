@@ -1,4 +1,4 @@
-"""Confusion matrices, IoU and cluster-to-class matching shared by every dense evaluation (spec §6.7).
+"""Confusion matrices, IoU and cluster-to-class matching shared by every dense evaluation (METHOD.md §6.7).
 
 Conventions used throughout:
 

@@ -1,4 +1,5 @@
-"""Monitors the trainer runs during training: the k-means monitor (spec §6.1) and the attention maps (spec §6.6).
+"""Monitors the trainer runs during training: the k-means monitor (METHOD.md §6.1) and the attention maps
+(METHOD.md §6.6).
 
 Selected with ``eval=kmeans_monitor`` or ``eval=attn_monitor`` (options in ``EvalConfig``), they are called as
 ``monitor(backbone, tag) -> {name: float}`` before/after training and every ``every_n_epochs`` epochs or
@@ -70,7 +71,7 @@ def kmeans_monitor_metrics(
     per_class: bool = True,
     device: torch.device | str = "cpu",
 ) -> tuple[dict[str, float], dict[int, torch.Tensor]]:
-    """Spec §6.1 on ``(N, h, w, D)`` features and ``(N, m, m)`` masks.
+    """METHOD.md §6.1 on ``(N, h, w, D)`` features and ``(N, m, m)`` masks.
 
     Returns the flat metrics (``k<K>/miou``, ``k<K>/pixel_acc``, per class ``k<K>/class/<name>/precision``
     and ``.../recall``; for K other than the number of classes the precision-based many-to-one matching under
@@ -103,7 +104,7 @@ def kmeans_monitor_metrics(
 
 
 class KMeansMonitor:
-    """The in-training k-means monitor (spec §6.1) on the first ``max_images`` images of a dataset split."""
+    """The in-training k-means monitor (METHOD.md §6.1) on the first ``max_images`` images of a dataset split."""
 
     model = "student"  # which network the trainer hands over: the reference monitors the student
 
@@ -203,7 +204,7 @@ def attention_jaccards(
 
 
 class AttentionMonitor:
-    """Jaccard of the teacher's thresholded CLS attention against the foreground (spec §6.6)."""
+    """Jaccard of the teacher's thresholded CLS attention against the foreground (METHOD.md §6.6)."""
 
     model = "teacher"  # the attention the fg/bg loss variants use is the teacher's
 

@@ -1,4 +1,4 @@
-"""Clustering and overclustering of frozen patch features (spec §6.2, the reference's ``eval_overcluster.py``).
+"""Clustering and overclustering of frozen patch features (METHOD.md §6.2, the reference's ``eval_overcluster.py``).
 
 Validation split only. Tokens of the whole split are standardised per dimension, projected on 50 principal
 components and clustered with faiss k-means (Euclidean, 100 iterations, 5 restarts) for each seed; clusters
@@ -33,14 +33,14 @@ from neco.eval.clustering import (
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
 from neco.eval.label_resize import tokens_to_mask
 
-# Datasets whose reference loader drops the last incomplete batch (spec §10.13): the VOC data module is built
+# Datasets whose reference loader drops the last incomplete batch (METHOD.md §10.13): the VOC data module is built
 # with drop_last=True in eval_overcluster.py; the COCO and ADE20K validation loaders keep every image.
 _DROPS_LAST_BATCH = {"voc"}
 
 
 @dataclass
 class OverclusterOptions:
-    split: str = "val"  # validation split only (spec §6.2)
+    split: str = "val"  # validation split only (METHOD.md §6.2)
     image_size: int = 448
     mask_size: int = 100  # clusters and ground truth are compared at mask_size x mask_size
     batch_size: int = 32  # the reference loader's batch size; it only matters through drop_last_batch
@@ -51,7 +51,7 @@ class OverclusterOptions:
     # the in-training monitor caps the slice at 4M. null: every token.
     pca_max_points: Optional[int] = None
     # 0: sklearn's StandardScaler, (x - mean) / std with constant dimensions left unscaled, as the reference
-    # script (spec §6.2). 1e-5: the in-training monitor's (x - mean) / (std + 1e-5) (spec §6.1).
+    # script (METHOD.md §6.2). 1e-5: the in-training monitor's (x - mean) / (std + 1e-5) (METHOD.md §6.1).
     std_eps: float = 0.0
     kmeans_iters: int = 100
     kmeans_restarts: int = 5  # faiss nredo: the best objective of this many runs
@@ -59,10 +59,10 @@ class OverclusterOptions:
     # faiss trains k-means on at most this many sampled points per centroid (its default, which the
     # reference ran with); every token is then assigned.
     max_points_per_centroid: int = 256
-    # Spec §10.13: the reference evaluates 1,440 of VOC's 1,449 val images (last partial batch of 32
+    # METHOD.md §10.13: the reference evaluates 1,440 of VOC's 1,449 val images (last partial batch of 32
     # dropped). null: as the reference for the dataset (VOC: true, others: false).
     drop_last_batch: Optional[bool] = None
-    # Spec §10.14: "all" averages IoU over every class id, so ADE20K's ignored label 0 counts as a class with
+    # METHOD.md §10.14: "all" averages IoU over every class id, so ADE20K's ignored label 0 counts as a class with
     # IoU 0 (151 classes, the reference); "exclude_ignore" leaves out the class whose id is the ignore index.
     miou_classes: MiouClasses = MiouClasses.all
     faiss_threads: Optional[int] = None  # null: faiss's default (all cores)

@@ -1,4 +1,4 @@
-"""Small, exact dense evaluations for quick checks: NN retrieval (§6.3) and k-means (§6.1/§6.2).
+"""Small, exact dense evaluations for quick checks: NN retrieval (METHOD.md §6.3) and k-means (METHOD.md §6.1/§6.2).
 
 These are deliberately reduced versions of the full protocols (no augmented memory, no memory sampling, one
 k-means restart by default) so that a few hundred small images evaluate in seconds on a CPU, e.g. in the
@@ -119,7 +119,7 @@ def extract_dense_features(
 
 
 def _standardise_and_project(x: np.ndarray, pca_dim: int | None) -> np.ndarray:
-    """Per-dimension standardisation (population std + 1e-5), then centred PCA, no whitening (spec §6.1)."""
+    """Per-dimension standardisation (population std + 1e-5), then centred PCA, no whitening (METHOD.md §6.1)."""
     x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-5)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if pca_dim is not None and pca_dim < x.shape[1]:

@@ -1,4 +1,5 @@
-"""Dense nearest-neighbour retrieval, reduced to its exact core (spec 6.3 without augmentation or memory sampling).
+"""Dense nearest-neighbour retrieval, reduced to its exact core (METHOD.md §6.3 without augmentation or memory
+sampling).
 
 Every training patch carries the histogram of its pixels' labels; every validation patch takes the softmax-weighted
 (temperature) histograms of its k most similar training patches, and the upsampled class scores give the prediction.

@@ -1,4 +1,4 @@
-"""Feature preparation and faiss k-means for the unsupervised segmentation protocol (spec §6.5.2-5).
+"""Feature preparation and faiss k-means for the unsupervised segmentation protocol (METHOD.md §6.5.2-5).
 
 Features of train and val are standardised together (scikit-learn ``StandardScaler`` semantics: population
 std, constant dimensions left unscaled) and projected on 50 principal components with faiss's ``PCAMatrix``
@@ -81,7 +81,7 @@ def assign(km, x: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
 
 
 class ForegroundClustering:
-    """k-means of the foreground pixels of nearest-upsampled token features (spec §6.5.5).
+    """k-means of the foreground pixels of nearest-upsampled token features (METHOD.md §6.5.5).
 
     The reference upsamples the PCA features to the evaluation size, keeps the foreground pixels and clusters
     them: pixels are training points (so a token counts as often as it covers foreground pixels, and faiss

@@ -1,4 +1,4 @@
-"""Fully unsupervised semantic segmentation: CBFE + community detection (spec §6.5, `fully_unsup_seg.py`).
+"""Fully unsupervised semantic segmentation: CBFE + community detection (METHOD.md §6.5, `fully_unsup_seg.py`).
 
 1. Final-norm patch tokens of VOC train (1,464 images) and val at 448 px, standardised and PCA'd to 50 dims
    jointly; noisy foreground masks from the last block's CLS attention (:mod:`neco.eval.attention_fg`).
@@ -48,19 +48,20 @@ SUPPORTED_DATASETS = ("voc", "synthetic")
 
 @dataclass
 class UnsupSegOptions:
-    train_split: str = "train_1464"  # VOC train (1,464 images), spec §6.5.1
+    train_split: str = "train_1464"  # VOC train (1,464 images), METHOD.md §6.5.1
     val_split: str = "val"
     image_size: int = 448
     mask_size: int = 448  # ground truth read at this size, then nearest-resized to eval_size
     eval_size: int = 100
     pca_dim: int = 50
-    # Noisy foreground from the CLS attention (§6.5.2); a path reads precomputed masks instead (see attention_fg).
+    # Noisy foreground from the CLS attention (METHOD.md §6.5.2); a path reads precomputed masks instead
+    # (see attention_fg).
     attention_masks: str | None = None
     attention_keep: float = 0.65
     blur_sigma: float = 0.6
     blur_kernel: int = 7
     min_component: int = 3  # components of at most 2 cells are dropped
-    # CBFE (§6.5.3-4)
+    # CBFE (METHOD.md §6.5.3-4)
     k_fg: int = 200
     kmeans_iters: int = 100
     kmeans_restarts: int = 5
@@ -68,23 +69,23 @@ class UnsupSegOptions:
     cut_low: float = 0.55
     cut_high: float = 0.75
     threshold_step: float = 0.05
-    # Foreground clustering and the CBFE-only score (§6.5.5); None: num_classes - 1 (20 for VOC)
+    # Foreground clustering and the CBFE-only score (METHOD.md §6.5.5); None: num_classes - 1 (20 for VOC)
     cbfe_score: bool = True
     cbfe_clusters: int | None = None
     cbfe_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     upper_bound: bool = False  # many-to-one (precision) score of the k_community clusters, as the reference's flag
-    # Community detection (§6.5.6-7). Fixed values inside the published search ranges: Leopart's published
+    # Community detection (METHOD.md §6.5.6-7). Fixed values inside the published search ranges: Leopart's published
     # choice for its ViT-S/16 (k 149, Markov time 2, edge threshold 0.09); NeCo publishes none.
     k_community: int = 149
     markov_time: float = 2.0
     weight_threshold: float = 0.09
     distances: list[int] = field(default_factory=lambda: [1, 2])
-    # reference: 4*pi/3 in the 8 directions (§10.17); fixed: 5*pi/4
+    # reference: 4*pi/3 in the 8 directions (METHOD.md §10.17); fixed: 5*pi/4
     angles: CooccurrenceAngles = CooccurrenceAngles.reference
     num_runs: int = 10
     first_seed: int = 1  # Infomap seeds first_seed..; the reference's 0-9 are refused by recent Infomap releases
     preferred_modules: int | None = None  # None: num_classes - 1 (20 for VOC)
-    # Optuna TPE over the published ranges [low, high, step], maximising the train CD mIoU (§6.5.8)
+    # Optuna TPE over the published ranges [low, high, step], maximising the train CD mIoU (METHOD.md §6.5.8)
     tune: bool = False
     trials: int = 300
     tune_seed: int = 1000

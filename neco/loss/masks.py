@@ -1,4 +1,4 @@
-"""Foreground masks from the teacher's last-block CLS attention (spec 3.8), used only by loss.mask=fg|bg.
+"""Foreground masks from the teacher's last-block CLS attention (METHOD.md §3.8), used only by loss.mask=fg|bg.
 
 Two details follow the reference by default, each with an option (README, "Faithful to the reference"):
 the blur pads by reflection as torchvision's ``GaussianBlur`` (``loss.mask_blur_padding=zeros``), and an aligned

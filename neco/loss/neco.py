@@ -1,4 +1,4 @@
-"""The NeCo objective over all crop pairs of a step: alignment, references, queue and pair losses (spec 3).
+"""The NeCo objective over all crop pairs of a step: alignment, references, queue and pair losses (METHOD.md §3).
 
 Inputs are the head outputs already arranged as channel-first maps `(B, d, S, S)` per crop (unit vectors per
 token). For each ordered pair (teacher global crop t, student crop v != t), both maps are ROI-aligned onto the
@@ -49,7 +49,7 @@ def align(maps: torch.Tensor, boxes: torch.Tensor, scale: torch.Tensor | float, 
     """ROI-align `maps (B, d, S, S)` with `boxes (B, m, 4)` (pixels) -> `(B*m, d, k, k)`, image-major.
 
     torchvision semantics as the reference: spatial scale 1 on boxes already in token units, adaptive
-    sampling, aligned=True (spec 3.2).
+    sampling, aligned=True (METHOD.md §3.2).
     """
     b, m = boxes.shape[:2]
     index = torch.arange(b, device=boxes.device, dtype=maps.dtype).repeat_interleave(m)[:, None]
@@ -93,7 +93,7 @@ class NeCoLoss(nn.Module):
     # ----------------------------------------------------------------------------------------------------
     def _box_scale(self, crop: int, grid: int) -> float:
         """Pixels -> token units. The reference divides by the patch size, which is off when the crop is not
-        a multiple of it (98 px with patch 16, spec 10.11); `grid` scales by tokens per pixel instead."""
+        a multiple of it (98 px with patch 16, METHOD.md §10.11); `grid` scales by tokens per pixel instead."""
         if self.cfg.box_scale == "patch":
             return 1.0 / self.patch_size
         return grid / self.crop_sizes[crop]
@@ -112,7 +112,7 @@ class NeCoLoss(nn.Module):
         self.queue[t] = torch.cat([new, self.queue[t, : length - m]])
         if self.cfg.queue_counter == "shared":
             # Reference: one counter for both queues, advanced once per teacher crop, so in the first steps
-            # references are drawn from rows that are still zero (spec 10.6).
+            # references are drawn from rows that are still zero (METHOD.md §10.6).
             self.queue_entries.copy_((self.queue_entries + m).clamp_max(length))
         else:
             self.queue_entries[t] = (self.queue_entries[t] + m).clamp_max(length)
@@ -126,7 +126,7 @@ class NeCoLoss(nn.Module):
         return refs.permute(0, 3, 1, 2)
 
     def _batch_refs(self, pool_maps: torch.Tensor, cell_keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Shuffle the pair's aligned reference-side vectors and give each image k*k of them (spec 3.4)."""
+        """Shuffle the pair's aligned reference-side vectors and give each image k*k of them (METHOD.md §3.4)."""
         batch, dim = pool_maps.shape[:2]
         n = batch * self.k * self.k
         pool = pool_maps.permute(0, 2, 3, 1).reshape(n, dim)

@@ -1,4 +1,4 @@
-"""The per-pair NeCo loss: soft neighbour orderings of aligned patches and their cross-entropy (spec 3.5-3.7)."""
+"""The per-pair NeCo loss: soft neighbour orderings of aligned patches and their cross-entropy (METHOD.md §3.5-3.7)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def similarities(query: torch.Tensor, refs: torch.Tensor, similarity: str = "cos
     q = query.flatten(2).transpose(1, 2)  # (B, n, d), n = k*k cells in row-major (y, x) order
     r = refs.flatten(2).transpose(1, 2)
     if similarity == "cosine":
-        # Aligned vectors are averages of unit vectors, not unit length themselves: re-normalise (spec 3.2).
+        # Aligned vectors are averages of unit vectors, not unit length themselves: re-normalise (METHOD.md §3.2).
         sim = F.normalize(q, dim=-1) @ F.normalize(r, dim=-1).transpose(1, 2)
     else:
         sim = torch.cdist(q, r)
@@ -65,11 +65,11 @@ def soft_permutation(
 def permutation_cross_entropy(
     target: torch.Tensor, pred: torch.Tensor, cell_mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """`-sum Q log P` averaged over query cells and references (spec 3.7), or over masked cells (spec 3.8).
+    """`-sum Q log P` averaged over query cells and references (METHOD.md §3.7), or over masked cells (METHOD.md §3.8).
 
     `target`, `pred`: `(B*n, n, n)`. `cell_mask`: optional `(B*n,)` boolean of the query cells that count.
     `log P` is clamped at the dtype's smallest normal number: equal to the reference wherever the reference
-    is finite, and finite where the reference would give -inf or NaN (spec 10.8).
+    is finite, and finite where the reference would give -inf or NaN (METHOD.md §10.8).
     """
     log_p = pred.clamp_min(torch.finfo(pred.dtype).tiny).log()
     per_cell = -(target * log_p).sum(dim=(1, 2))  # (B*n,)

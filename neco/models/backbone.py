@@ -4,7 +4,7 @@
 ``VisionTransformer`` state dict (``state_dict()`` too, except that register models keep DINOv2's CLS entry in
 ``pos_embed`` unless ``cls_position="folded"``: the parameters the reference trains). Its forward is our own,
 on top of those modules, because the position embeddings must be interpolated exactly as the DINO/DINOv2 code
-does (spec §2.3), which timm's ``dynamic_img_size`` path does not do (it resizes to a target size with
+does (METHOD.md §2.3), which timm's ``dynamic_img_size`` path does not do (it resizes to a target size with
 antialiasing).
 """
 
@@ -61,8 +61,8 @@ def _dino_url(name: str) -> str:
 
 def _registry() -> dict[str, BackboneSpec]:
     specs: dict[str, BackboneSpec] = {}
-    # LayerScale starts at 1.0 as in NeCo's constructor (spec §2.2); pretrained weights overwrite it.
-    # timm's ViT-g/14 uses SwiGLU like the official model (the reference's plain MLP is spec §10 item 20).
+    # LayerScale starts at 1.0 as in NeCo's constructor (METHOD.md §2.2); pretrained weights overwrite it.
+    # timm's ViT-g/14 uses SwiGLU like the official model (the reference's plain MLP is METHOD.md §10.20).
     sizes = (("s", "small", 384), ("b", "base", 768), ("l", "large", 1024), ("g", "giant", 1536))
     for size, word, dim in sizes:
         common = dict(patch_size=14, embed_dim=dim, family="dinov2", img_size=518,
@@ -117,7 +117,7 @@ def create_vit(spec: BackboneSpec, drop_path_rate: float = 0.0, img_size: int | 
 
 
 def interpolate_pos_embed(patch_pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Resize a square grid of patch position embeddings ``(1, M*M, D)`` to ``(1, h*w, D)`` (spec §2.3).
+    """Resize a square grid of patch position embeddings ``(1, M*M, D)`` to ``(1, h*w, D)`` (METHOD.md §2.3).
 
     This is DINO's and DINOv2's formula: bicubic with a *scale factor* of ``(h + 0.1) / M`` (rows) and
     ``(w + 0.1) / M`` (columns), no antialiasing, in float32. The 0.1 makes the output size come out as

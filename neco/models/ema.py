@@ -1,4 +1,4 @@
-"""Exponential moving average of the student into the teacher (spec 4.4)."""
+"""Exponential moving average of the student into the teacher (METHOD.md §4.4)."""
 
 from __future__ import annotations
 

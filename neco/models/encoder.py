@@ -1,4 +1,4 @@
-"""Backbone + projection head applied to a list of crops of at most a few sizes (spec 2.6)."""
+"""Backbone + projection head applied to a list of crops of at most a few sizes (METHOD.md §2.6)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Checkpoint layouts: where the backbone sits in a file, and its keys in timm's and DINOv2-hub's layouts.
 
-Files from several projects hold a ViT backbone under different names (spec §2.7):
+Files from several projects hold a ViT backbone under different names (METHOD.md §2.7):
 
 * a plain state dict (timm, torch.hub DINOv2, the released NeCo ``*_model.ckpt``/``*_teacher.ckpt`` files);
 * a prefix (``module.``, ``backbone.``, Leopart's ``model.``, TimeT's ``feature_extractor.model.``);
@@ -126,7 +126,7 @@ def check_checkpoint_model(value: str | None) -> str:
 
 def extract_backbone_state(obj: Mapping, source: str = "checkpoint", checkpoint_model: str | None = "auto"
                            ) -> Extracted:
-    """Find the backbone's tensors in a checkpoint and strip their prefix (spec §2.7 steps 1-3).
+    """Find the backbone's tensors in a checkpoint and strip their prefix (METHOD.md §2.7).
 
     ``checkpoint_model``: for files holding a student and a teacher, which one to load. ``auto`` takes the
     teacher of DINO/DINOv2 training checkpoints and otherwise the student (NeCo Lightning ``model.``, this
@@ -174,7 +174,7 @@ def to_timm_layout(
 ) -> dict[str, torch.Tensor]:
     """Convert a backbone state dict (timm or DINOv2-hub keys) to the keys of the timm ``model``.
 
-    ``drop_registers`` is the "XR" case (spec §2.7 (b)): weights trained with registers loaded into a
+    ``drop_registers`` is the "XR" case (METHOD.md §2.7 (b)): weights trained with registers loaded into a
     model without them. The registers are dropped and this is logged, never silent.
     """
     state = dict(state)
@@ -190,7 +190,7 @@ def to_timm_layout(
             state.pop(k)
         log.warning(
             "%s: dropped %s: weights trained with register tokens are loaded into a model without "
-            "registers (XR variant, spec §2.7); the network runs without them.",
+            "registers (XR variant, METHOD.md §2.7); the network runs without them.",
             source,
             dropped or "nothing (the checkpoint has no register tokens)",
         )

@@ -1,4 +1,4 @@
-"""Projection head applied token-wise to patch tokens (spec §2.5)."""
+"""Projection head applied token-wise to patch tokens (METHOD.md §2.5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stochastic depth as the reference's ViTs apply it (spec 2.4), on timm's blocks.
+"""Stochastic depth as the reference's ViTs apply it (METHOD.md §2.4), on timm's blocks.
 
 Both DINO (v1) and DINOv2 space the per-block rates linearly from 0 to ``drop_path_rate`` in float32
 (``torch.linspace(...)[i].item()``), as timm does. They differ in how a block drops its residual branches:
