@@ -23,6 +23,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import neco.config  # noqa: F401  (schema and resolvers)
+import neco.engine.setup as setup_module  # neco.train imports build_loader from here when a run starts
 import neco.train as train_module
 from neco.engine import dist
 from neco.engine import trainer as trainer_module
@@ -65,14 +66,14 @@ def main() -> None:
 
         trainer_module.save_checkpoint = counting_save
         samplers = []
-        build = train_module.build_loader
+        build = setup_module.build_loader
 
         def keep_sampler(*args, **kwargs):
             dataset, sampler, loader = build(*args, **kwargs)
             samplers.append(sampler)
             return dataset, sampler, loader
 
-        train_module.build_loader = keep_sampler
+        setup_module.build_loader = keep_sampler
         weights: dict = {}
         fit = trainer_module.Trainer.fit
 
@@ -87,9 +88,9 @@ def main() -> None:
         samplers[0].set_epoch(0)
         report.update(result=result, saves=saves, images=sorted(samplers[0]), weights=weights)
     elif mode == "grads":
-        build = train_module.build_loader
+        build = setup_module.build_loader
         # Same data on every rank: each process reads the whole dataset as a single process would.
-        train_module.build_loader = lambda data_cfg, paths, seed, **_: build(data_cfg, paths, seed)
+        setup_module.build_loader = lambda data_cfg, paths, seed, **_: build(data_cfg, paths, seed)
         dist.seed_ranks = lambda seed: None  # same random stream on every rank: same crops, same references
         grads: dict = {}
         capture_first_step_grads(grads)

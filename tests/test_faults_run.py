@@ -243,7 +243,9 @@ def test_locked_run_directory_stops_every_process_of_a_distributed_run(tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: the run directory")]
-    assert len(errors) == 2 and all(f"process {holder.pid} on host" in e for e in errors), proc.stderr[-3000:]
+    # Rank 0 refuses before Hydra starts the run (neco.engine.preflight); torchrun then ends rank 1, or rank 1
+    # learns the outcome from rank 0 and says so itself: either way no process waits and no process trains.
+    assert errors and all(f"process {holder.pid} on host" in e for e in errors), proc.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
