@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "neco"
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+def module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -58,9 +58,9 @@ def targets(importer: str, is_package: bool, node: ast.Import | ast.ImportFrom, 
     return edges
 
 
-def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    """(module-level edges, function-level edges) of every module under neco/."""
-    files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+def import_graph(package: Path = PACKAGE) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(module-level edges, function-level edges) of every module under `package` (neco/)."""
+    files = {module_name(path, package.parent): path for path in package.rglob("*.py")}
     modules = set(files)
     top: dict[str, set[str]] = {name: set() for name in modules}
     inner: dict[str, set[str]] = {name: set() for name in modules}
@@ -111,6 +111,21 @@ def test_the_graph_sees_known_edges():
     top, inner = import_graph()
     assert "neco.errors" in top["neco.cli"]  # a module-level import
     assert "neco.engine.trainer" in inner["neco.train"]  # an import inside a function (kept out of --help)
+
+
+def test_a_cycle_through_a_function_level_relative_import_is_found(tmp_path):
+    package = tmp_path / "neco"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "a.py").write_text("from neco.sub.b import thing\n")
+    (package / "sub" / "b.py").write_text("def thing():\n    from ..a import other\n")
+    (package / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from neco import a\n")
+    top, inner = import_graph(package)
+    assert top["neco.a"] == {"neco.sub", "neco.sub.b"} and inner["neco.sub.b"] == {"neco.a"}
+    assert top["neco.c"] == set()  # annotation-only imports never run
+    assert find_cycle(top) is None
+    assert find_cycle({name: top[name] | inner[name] for name in top}) == ["neco.a", "neco.sub.b", "neco.a"]
 
 
 def test_module_level_imports_have_no_cycle():
