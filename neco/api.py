@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 # ImageNet statistics, as every DINO/DINOv2/NeCo model is trained and evaluated with (METHOD.md §5).
 from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from neco.models.backbone import BACKBONES, Backbone, build_backbone
+from neco.models.backbone import Backbone, build_backbone
+from neco.models.registry import BACKBONES
 from neco.models.weights import WeightsError
 
 # The settings that errors of the shared loading code name, as the arguments of ``load_backbone`` they are here.
@@ -63,8 +64,9 @@ def _architecture(name: str, weights: str | Path) -> tuple[str, str | Path]:
 def _from_recorded_checkpoint(source: str, cache_dir, checkpoint_model: str, strict: bool,
                               img_size: int | None) -> Backbone:
     """This project's checkpoints record their backbone: build that architecture and load the file."""
-    from neco.models.backbone import create_vit, get_spec
+    from neco.models.backbone import create_vit
     from neco.models.formats import check_checkpoint_model, recorded_backbone
+    from neco.models.registry import get_spec
     from neco.models.weights import read_checkpoint, resolve_weights
 
     check_checkpoint_model(checkpoint_model)

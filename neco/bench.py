@@ -35,6 +35,7 @@ from neco.data.multicrop import pairwise_boxes
 from neco.engine.optim import build_optimizer, build_schedules, param_groups
 from neco.engine.setup import build_multicrop, build_student_teacher, resolve_precision
 from neco.engine.trainer import Trainer
+from neco.engine.trainer_settings import TrainerSettings, run_record
 from neco.loss.neco import NeCoLoss
 
 PARTS = ("sort", "step", "loader")
@@ -89,7 +90,8 @@ def build_trainer(cfg, device: torch.device, amp_dtype, objective: str, total_st
         loss = NeCoLoss(cfg.loss, student.backbone.patch_size, sizes, d.num_global, d.batch_size).to(device)
     optimizer = build_optimizer(param_groups(student.backbone, student.head, cfg.optim), cfg.optim, device)
     trainer = Trainer(student=student, teacher=teacher, objective=loss, optimizer=optimizer,
-                      schedules=build_schedules(cfg.optim, total_steps), loader=None, sampler=None, cfg=cfg,
+                      schedules=build_schedules(cfg.optim, total_steps), loader=None, sampler=None,
+                      settings=TrainerSettings.from_config(cfg), run_record=run_record(cfg),
                       run_dir=Path("."), device=device, amp_dtype=amp_dtype, logger=None,
                       steps_per_epoch=total_steps)
     student.train()

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A configuration value that is well-typed but not usable (unknown choice, inconsistent sizes)."""
+
+
+class WeightsError(UserError, RuntimeError):
+    """Weights that cannot be found, read or matched to the backbone (a user-fixable problem)."""

@@ -95,8 +95,9 @@ def export_backbone(checkpoint: str, fmt: str, out_dir: str | Path, backbone: st
     import torch
     from safetensors.torch import save_file
 
-    from neco.models.backbone import Backbone, create_vit, get_spec
+    from neco.models.backbone import Backbone, create_vit
     from neco.models.formats import check_checkpoint_model, recorded_backbone, to_hub_layout
+    from neco.models.registry import get_spec
     from neco.models.weights import read_checkpoint, resolve_weights
 
     if fmt not in FORMATS:

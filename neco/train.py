@@ -25,8 +25,8 @@ from neco.config import REFERENCE_OPTIONS
 from neco.project import conf_dir
 
 if TYPE_CHECKING:
+    from neco.engine.requeue import DeferredRequeue
     from neco.engine.run_lock import RunLock
-    from neco.launch import DeferredRequeue
 from neco.errors import UserError
 
 # torch and everything built on it are imported inside the functions: `--help`, `--cfg job` and config errors
@@ -133,11 +133,12 @@ def _train(cfg: DictConfig, run_dir: Path, lock: Optional[RunLock]) -> tuple[dic
     from neco.engine.checkpoint import set_aside_previous_run
     from neco.engine.log import MetricsLogger, environment_info, truncate_metrics
     from neco.engine.optim import build_optimizer, build_schedules, param_groups, select_trainable_blocks
+    from neco.engine.requeue import DeferredRequeue
     from neco.engine.resolved import log_auto_choices, resolved_block
     from neco.engine.setup import build_loader, build_student_teacher, resolve_device, resolve_precision
     from neco.engine.signals import GracefulStop
     from neco.engine.trainer import Trainer
-    from neco.launch import DeferredRequeue
+    from neco.engine.trainer_settings import TrainerSettings, run_record
     from neco.loss.neco import NeCoLoss
     from neco.loss.sorter_choice import resolve_sorter
 
@@ -220,7 +221,8 @@ def _train(cfg: DictConfig, run_dir: Path, lock: Optional[RunLock]) -> tuple[dic
     graceful = GracefulStop.install()  # SIGTERM, Ctrl-C: checkpoint at a step boundary, then exit
     try:  # the handlers are put back however the run ends (a refused resume included)
         trainer = Trainer(student=student, teacher=teacher, objective=objective, optimizer=optimizer,
-                          schedules=schedules, loader=loader, sampler=sampler, cfg=cfg, run_dir=run_dir,
+                          schedules=schedules, loader=loader, sampler=sampler,
+                          settings=TrainerSettings.from_config(cfg), run_record=run_record(cfg), run_dir=run_dir,
                           device=device, amp_dtype=amp_dtype, logger=logger, steps_per_epoch=steps_per_epoch,
                           evaluator=evaluator, ddp=ddp, should_stop=lambda: requeue() or graceful())
         if checkpoint is not None:

@@ -167,7 +167,7 @@ def test_full_step_updates_every_parameter_and_the_teacher_as_specified(version)
         p.grad = gr
     student_before = {n: p.detach().clone() for n, p in student.named_parameters()}
     teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
-    runner = SimpleNamespace(state=TrainState(), schedules=schedules, cfg=SimpleNamespace(optim=cfg),
+    runner = SimpleNamespace(state=TrainState(), schedules=schedules, settings=cfg,
                              teacher=teacher, student=student, optimizer=optimizer, trainable=list(params),
                              scaler=torch.amp.GradScaler("cpu", enabled=False))
     Trainer._optimizer_step(runner)

@@ -3,7 +3,7 @@
 A scheduler's SIGTERM (a time limit without warning, `scancel`, a node drained) and a first Ctrl-C only set a
 flag; the trainer polls it after each optimizer step, saves there and returns. A second Ctrl-C aborts at once,
 without saving (the last checkpoint stays as it was). SLURM's time-limit warning in a submitit job (USR2) is
-handled by `neco.launch.DeferredRequeue`, which requeues the job after the same save.
+handled by `neco.engine.requeue.DeferredRequeue`, which requeues the job after the same save.
 """
 
 from __future__ import annotations

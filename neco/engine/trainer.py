@@ -12,16 +12,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from neco.data.datasets import bad_image_count
 from neco.data.workers import batches_of
 from neco.engine import dist
 from neco.engine.checkpoint import ResumeError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from neco.engine.fingerprint import fingerprint
 from neco.engine.log import MetricsLogger
 from neco.engine.optim import Schedules
+from neco.engine.trainer_settings import TrainerSettings
 from neco.errors import UserError
 from neco.loss.masks import attention_foreground
 from neco.models.ema import ema_update
@@ -41,8 +40,9 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, *, student, teacher, objective, optimizer, schedules: Schedules, loader, sampler, cfg,
-                 run_dir: Path, device: torch.device, amp_dtype: Optional[torch.dtype], logger: MetricsLogger,
+    def __init__(self, *, student, teacher, objective, optimizer, schedules: Schedules, loader, sampler,
+                 settings: TrainerSettings, run_record: dict, run_dir: Path, device: torch.device,
+                 amp_dtype: Optional[torch.dtype], logger: MetricsLogger,
                  steps_per_epoch: int, evaluator: Optional[Callable] = None, ddp=None,
                  should_stop: Optional[Callable[[], bool]] = None):
         self.student, self.teacher, self.objective = student, teacher, objective
@@ -51,15 +51,16 @@ class Trainer:
         self.ddp, self.should_stop = ddp, should_stop
         self.optimizer, self.schedules = optimizer, schedules
         self.loader, self.sampler = loader, sampler
-        self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
+        # `run_record` (neco.engine.trainer_settings.run_record): the run's config, as each checkpoint stores it
+        self.settings, self.run_record = settings, run_record
+        self.run_dir, self.device = Path(run_dir), device
         self.amp_dtype = amp_dtype
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.logger, self.evaluator = logger, evaluator
         self.steps_per_epoch = steps_per_epoch
-        self.total_steps = steps_per_epoch * cfg.optim.epochs
+        self.total_steps = steps_per_epoch * settings.epochs
         self.state = TrainState()
         self.trainable = [p for p in student.parameters() if p.requires_grad]
-        self.num_global = cfg.data.num_global
         self._saved_step: Optional[int] = None
         self._has_grads = False  # a micro-batch of the current optimizer step had a non-zero loss
 
@@ -75,8 +76,8 @@ class Trainer:
             "epoch": self.state.epoch,
             "batch_in_epoch": self.state.batch_in_epoch,
             "rng": rng_state(),
-            "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
-            "fingerprint": fingerprint(self.cfg),  # what a resume must keep (neco.engine.fingerprint)
+            "config": self.run_record["config"],
+            "fingerprint": self.run_record["fingerprint"],  # what a resume must keep (neco.engine.fingerprint)
         }
 
     def load(self, path: Path, ckpt: Optional[dict] = None) -> None:
@@ -105,7 +106,7 @@ class Trainer:
         self.state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"])
         set_rng_state(ckpt["rng"])
         if not same_layout:  # another number of processes: give each its own stream from here on
-            dist.seed_ranks(self.cfg.seed + self.state.step)
+            dist.seed_ranks(self.settings.seed + self.state.step)
         self._saved_step = self.state.step
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
 
@@ -120,7 +121,7 @@ class Trainer:
             state = self.state_dict()
             if dist.is_enabled():
                 state["ranks"] = ranks
-            save_checkpoint(state, self.run_dir, self.state.step, self.cfg.keep_checkpoints)
+            save_checkpoint(state, self.run_dir, self.state.step, self.settings.keep_checkpoints)
         self._saved_step = self.state.step
 
     # ----------------------------------------------------------------------------------------------- step
@@ -130,12 +131,12 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def compute_loss(self, crops: list[torch.Tensor], boxes: dict) -> torch.Tensor:
-        G = self.num_global
-        masked = self.cfg.loss.mask != "all"
+        G = self.settings.num_global
+        masked = self.settings.loss_mask != "all"
         fg = None
         with self._autocast():
             student_maps = (self.ddp or self.student)(crops)
-            if self.cfg.loss.use_teacher:
+            if self.settings.use_teacher:
                 with torch.no_grad():
                     out = self.teacher(crops[:G], with_attention=masked)
                 teacher_maps, attention = out if masked else (out, None)
@@ -143,23 +144,23 @@ class Trainer:
                 # No-teacher ablation: the student's own global maps give targets (no grad) and references.
                 teacher_maps, attention = student_maps[:G], None
         if masked:
-            fg = attention_foreground(torch.cat(attention), blur_padding=self.cfg.loss.mask_blur_padding)
+            fg = attention_foreground(torch.cat(attention), blur_padding=self.settings.mask_blur_padding)
             fg = fg.view(G, crops[0].shape[0], 1, *attention[0].shape[-2:])
         return self.objective(student_maps, teacher_maps, boxes, fg)
 
     def _optimizer_step(self) -> Optional[float]:
         step = self.state.step
         momentum = float(self.schedules.momentum[step])
-        if self.cfg.optim.ema_timing == "before_step":
+        if self.settings.ema_timing == "before_step":
             ema_update(self.teacher, self.student, momentum)  # reference: teacher follows the pre-step student
         grad_norm = None
-        if self.cfg.optim.grad_clip is not None:
+        if self.settings.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.cfg.optim.ema_timing == "after_step":
+        if self.settings.ema_timing == "after_step":
             ema_update(self.teacher, self.student, momentum)
         self.state.step += 1
         return grad_norm
@@ -197,22 +198,23 @@ class Trainer:
                                                     if isinstance(v, float) and "/class/" not in k))
 
     def fit(self) -> dict:
-        cfg, accumulate = self.cfg, self.cfg.optim.accumulate
-        last_step = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+        settings = self.settings
+        accumulate = settings.accumulate
+        last_step = self.total_steps if settings.max_steps is None else min(self.total_steps, settings.max_steps)
         if self.state.step >= last_step:
             log.info("the run is already complete at step %d; nothing to do", self.state.step)
             return {"step": self.state.step}
-        if self.state.step == 0 and self.state.batch_in_epoch == 0 and self.evaluator and cfg.eval.before_training:
+        if self.state.step == 0 and self.state.batch_in_epoch == 0 and self.evaluator and settings.eval_before_training:
             self._evaluate("before")
         self.student.train()
         self.teacher.eval()  # no dropout or stochastic depth; the teacher only moves by EMA
-        batch_size = cfg.data.batch_size
+        batch_size = settings.batch_size
         bar = tqdm(total=last_step, initial=self.state.step, desc="train", unit="step",
-                   disable=not cfg.logger.progress or not dist.is_main(), dynamic_ncols=True)
+                   disable=not settings.progress or not dist.is_main(), dynamic_ncols=True)
         window_loss, window_n, window_images, window_start = 0.0, 0, 0, time.perf_counter()
         last_loss = float("nan")
         stopped = False
-        while self.state.step < last_step and self.state.epoch < cfg.optim.epochs and not stopped:
+        while self.state.step < last_step and self.state.epoch < settings.epochs and not stopped:
             self.sampler.set_epoch(self.state.epoch, start=self.state.batch_in_epoch * batch_size)
             micro = 0
             with batches_of(self.loader) as batches:
@@ -234,7 +236,7 @@ class Trainer:
                         if value != 0.0:  # a zero loss (every pair masked out) is skipped as the reference does
                             self.scaler.scale(loss / accumulate).backward()
                             self._has_grads = True
-                        elif self.cfg.optim.zero_loss_step == "hold":
+                        elif settings.zero_loss_step == "hold":
                             continue  # skipped without counting: the schedules wait for the next step with a loss
                     micro += 1
                     window_loss, window_n = window_loss + value, window_n + 1
@@ -248,16 +250,16 @@ class Trainer:
                         grad_norm, self.state.step = None, self.state.step + 1
                     self._has_grads = False
                     bar.update(1)
-                    if self.state.step % cfg.logger.log_every == 0 or self.state.step == last_step:
+                    if self.state.step % settings.log_every == 0 or self.state.step == last_step:
                         elapsed = time.perf_counter() - window_start
                         record = self._record(window_loss / max(window_n, 1), window_images / elapsed, grad_norm)
                         self.logger.log(record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr_backbone']:.2e}",
                                         img_s=f"{record['images_per_s']:.1f}")
                         window_loss, window_n, window_images, window_start = 0.0, 0, 0, time.perf_counter()
-                    if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+                    if settings.checkpoint_every and self.state.step % settings.checkpoint_every == 0:
                         self.save()
-                    every_steps = cfg.eval.get("every_n_steps", 0)
+                    every_steps = settings.eval_every_n_steps
                     if every_steps and self.state.step % every_steps == 0 and self.state.step < last_step:
                         self._evaluate(f"step{self.state.step}")
                     if self._stop_requested():  # e.g. SLURM's warning before the time limit: save here, requeue
@@ -268,14 +270,14 @@ class Trainer:
                     self.state.epoch += 1
                     self.state.batch_in_epoch = 0
                     self.save()
-                    every = cfg.eval.every_n_epochs
-                    if every and self.state.epoch % every == 0 and self.state.epoch < cfg.optim.epochs:
+                    every = settings.eval_every_n_epochs
+                    if every and self.state.epoch % every == 0 and self.state.epoch < settings.epochs:
                         self._evaluate(f"epoch{self.state.epoch}")
         bar.close()
         self.save()
         if stopped:
             return {"step": self.state.step, "loss": last_loss, "stopped": True}
-        if self.evaluator and cfg.eval.after_training:
+        if self.evaluator and settings.eval_after_training:
             self._evaluate("after")
         return {"step": self.state.step, "loss": last_loss}
 

@@ -1,8 +1,9 @@
 """Backbones, their weights, and the projection head."""
 
-from neco.models.backbone import BACKBONES, Backbone, BackboneSpec, build_backbone, interpolate_pos_embed
+from neco.models.backbone import Backbone, build_backbone, interpolate_pos_embed
 from neco.models.formats import CHECKPOINT_MODELS
 from neco.models.head import ProjectionHead
+from neco.models.registry import BACKBONES, BackboneSpec
 from neco.models.weights import WeightsError
 
 __all__ = [

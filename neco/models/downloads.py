@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from neco.models.weights import WeightsError
+from neco.errors import WeightsError
 
 log = logging.getLogger(__name__)
 

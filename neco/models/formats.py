@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from timm.models import vision_transformer as timm_vit
 
+from neco.models.registry import BACKBONES
 from neco.models.weights import WeightsError
 
 log = logging.getLogger(__name__)
@@ -254,8 +255,6 @@ def architecture_hint(state: Mapping[str, torch.Tensor], model: nn.Module, name:
 
     def text(a: dict) -> str:
         return f"width {a['width']}, {a['depth']} blocks, patch {a['patch']}, {a['registers']} registers"
-
-    from neco.models.backbone import BACKBONES  # the registry imports this module
 
     fits = [n for n, s in BACKBONES.items() if (s.embed_dim, s.patch_size, s.num_register_tokens) ==
             (theirs["width"], theirs["patch"], theirs["registers"])]

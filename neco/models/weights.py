@@ -30,15 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from neco.errors import UserError
+from neco.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
 _MAX_REPORTED_KEYS = 10
-
-
-class WeightsError(UserError, RuntimeError):
-    """Weights that cannot be found, read or matched to the backbone (a user-fixable problem)."""
 
 
 # --------------------------------------------------------------------------------------------- sources
