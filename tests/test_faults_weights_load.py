@@ -126,6 +126,8 @@ def cli_backbone(name: str) -> tuple[str, object]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    import neco.config  # noqa: F401  (registers the typed schemas the configs' defaults name)
+
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("export", [f"backbone={name}", "checkpoint=x"])
     weights = None if OmegaConf.is_missing(cfg.backbone, "weights") else cfg.backbone.weights
