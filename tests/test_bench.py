@@ -120,6 +120,19 @@ def test_e2e_time_includes_waiting_for_a_slow_loader(monkeypatch):
     assert "step_only_images_per_s" not in e2e  # the step was not measured in this run
 
 
+def test_a_failing_e2e_configuration_is_an_error_row_and_the_run_goes_on(monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(bench, "build_trainer", out_of_memory)
+    records = bench.main(["--quick", "--parts", "loader,e2e", "--workers", "0"])
+    (loader,) = [r for r in records if r["kind"] == "loader"]
+    (e2e,) = [r for r in records if r["kind"] == "e2e"]
+    _positive(loader, "images_per_s_with_startup")
+    assert "out of memory (injected)" in e2e["error"] and "images_per_s" not in e2e
+    assert "out of memory (injected)" in bench_e2e.table_line(e2e)
+
+
 def test_jpeg_folder_is_filled_once_and_topped_up(tmp_path):
     folder = tmp_path / "jpegs"
     with bench_e2e.jpeg_folder(folder, 3, (64, 48)) as used:
