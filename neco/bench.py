@@ -1,16 +1,19 @@
-"""`python -m neco.bench`: speed and memory of the NeCo step, its free-loss floor, the sorter and the loader.
+"""`python -m neco.bench`: speed and memory of the NeCo step, its free-loss floor, the sorter, the loader and
+training end to end.
 
     python -m neco.bench                            # GPU: ViT-S/14+reg4, batch 64, crops 224 and 518
     python -m neco.bench --compile --parts step     # the same steps with compiled backbones
     python -m neco.bench --quick                    # tiny CPU run (vit_tiny, batch 2, one step)
     python -m neco.bench --triton-sizes ""          # without the loss.sorter=triton steps
     python -m neco.bench loss.network=odd_even      # trailing key=value pairs override the config
+    python -m neco.bench --parts step,loader,e2e --sizes 518 --workers 8   # end to end beside the step alone
 
 Prints one JSON object per measurement (stdout, and `--out FILE`), then a table against the targets (stderr).
 A step is the trainer's own: `Trainer.compute_loss` and `Trainer._optimizer_step` on random crops already on
 the device, with boxes from the MultiCrop box sampler. The floor is the same step with a loss that costs
 nothing: what the backbones, head, AdamW and EMA cost whatever the objective. The Triton sorter (sort and
-step rows) runs on CUDA only; elsewhere a `skip` line says why.
+step rows) runs on CUDA only; elsewhere a `skip` line says why. The loader and end-to-end parts read one folder
+of JPEGs (neco.bench_e2e).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import json
 import math
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +31,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from neco import bench_e2e
 from neco.bench_sort import SORT_TARGET_MS, failure, fresh_memory, measure_sorts, sync, triton_skip_reason
+from neco.cli import exit_on_user_error
 from neco.config import TrainConfig
 from neco.data.multicrop import pairwise_boxes
 from neco.engine.optim import build_optimizer, build_schedules, param_groups
@@ -38,14 +42,15 @@ from neco.engine.trainer import Trainer
 from neco.engine.trainer_settings import TrainerSettings, run_record
 from neco.loss.neco import NeCoLoss
 
-PARTS = ("sort", "step", "loader")
+PARTS = ("sort", "step", "loader", "e2e")
+DEFAULT_PARTS = ("sort", "step", "loader")  # e2e is asked for by name: it trains for a minute per row on a GPU
 # Targets for the objective's overhead over the floor, per global crop size, and for one sort (fwd + bwd, ms).
 STEP_TARGETS = {224: {"time_ratio": 1.15, "memory_ratio": 1.25}, 518: {"time_ratio": 1.15, "peak_gib": 45.0}}
 # ANCHORS.md, one H200: (images/s, peak GiB) of the floor (bf16, eager) and the shipped reference (bf16, fused
 # attention). A yardstick only: compare ratios taken within one run on one card.
 ANCHORS = {224: {"floor": (857.0, 9.8), "reference": (89.4, 20.2)},
            518: {"floor": (229.0, 38.1), "reference": (82.2, 75.4)}}
-SOURCE_IMAGE = (640, 480)  # fake image size the crop boxes and the loader's source images are drawn at
+SOURCE_IMAGE = bench_e2e.JPEG_SIZE  # fake image size the crop boxes are drawn at, that of the loader's JPEGs
 
 
 def environment(device: torch.device) -> dict:
@@ -170,41 +175,6 @@ def step_ratio(neco: dict, floor: dict) -> dict | None:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ loader
-def measure_loader(data_cfg, workers: int, rounds: int, device: torch.device, source_side: int) -> dict:
-    """Images/s of the real pipeline (JPEG decode, MultiCrop, collate), model off, over synthetic scenes."""
-    from PIL import Image
-    from torch.utils.data import DataLoader
-
-    from neco.data.datasets import ImageFileDataset
-    from neco.data.synthetic import SyntheticScenes
-
-    scenes = SyntheticScenes("train", num_images=16, image_size=source_side, seed=0)
-    batch = data_cfg.batch_size
-    num_batches = rounds * max(workers, 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for i in range(len(scenes)):
-            path = Path(tmp) / f"{i:03d}.jpg"
-            scenes[i][0].resize(SOURCE_IMAGE, Image.BILINEAR).save(path, quality=90)
-            paths.append(path)
-        files = [paths[i % len(paths)] for i in range(batch * num_batches)]
-        loader = DataLoader(ImageFileDataset(files, build_multicrop(data_cfg)), batch_size=batch,
-                            num_workers=workers, pin_memory=device.type == "cuda", drop_last=True)
-        start = time.perf_counter()
-        arrivals = [time.perf_counter() for _ in loader]
-    total = arrivals[-1] - start
-    # The first wave (one batch per worker) includes worker start-up; the steady rate is measured after it.
-    first = max(workers, 1) - 1
-    steady = None
-    if first + 1 < len(arrivals):
-        steady = (len(arrivals) - 1 - first) * batch / (arrivals[-1] - arrivals[first])
-    return {"kind": "loader", "workers": workers, "batch": batch, "batches": len(arrivals),
-            "global_size": data_cfg.global_size, "local_size": data_cfg.local_size,
-            "source_image": list(SOURCE_IMAGE), "images_per_s": steady,
-            "images_per_s_with_startup": len(arrivals) * batch / total}
-
-
 # -------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m neco.bench", description=__doc__.split("\n\n")[0])
@@ -224,16 +194,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sort-rows", type=int, default=3136)
     p.add_argument("--sort-warmup", type=int, default=3)
     p.add_argument("--sort-reps", type=int, default=20)
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--workers", help="loader processes, comma-separated, one loader and e2e row each (8; --quick: 2)")
     p.add_argument("--loader-rounds", type=int, default=4, help="batches per worker in the loader measure")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
+    p.add_argument("--e2e-steps", type=int,
+                   help="timed end-to-end steps after --warmup (64; --quick: 2); many more than the 2 x workers "
+                        "batches the loader prefetches, or the prefetched ones hide a slow loader")
+    p.add_argument("--jpeg-dir", type=Path,
+                   help="folder of JPEGs for the loader and e2e parts: filled once if empty, reused after "
+                        "(default: a temporary folder)")
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS), help=f"subset of {','.join(PARTS)}")
     p.add_argument("--out", type=Path, help="also write the JSON lines to this file")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. loss.network=odd_even")
     args = p.parse_args(argv)
     if args.quick:
         args.device, args.backbone, args.batch, args.sizes, args.local_size = "cpu", "vit_tiny", 2, "64", 32
         args.dense_sizes, args.triton_sizes, args.warmup, args.steps, args.sort_rows = "64", "64", 0, 1, 16
-        args.sort_warmup, args.sort_reps, args.workers, args.loader_rounds = 0, 1, 0, 1
+        args.sort_warmup, args.sort_reps, args.loader_rounds = 0, 1, 1
+    # Given explicitly, these two hold under --quick too (the e2e part with or without worker processes).
+    args.workers = args.workers or ("2" if args.quick else "8")
+    args.e2e_steps = (2 if args.quick else 64) if args.e2e_steps is None else args.e2e_steps
+    if args.e2e_steps < 1:
+        p.error(f"--e2e-steps {args.e2e_steps}: time at least 1 step")
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        p.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose among {','.join(PARTS)}")
+    try:
+        args.workers = [int(w) for w in str(args.workers).split(",")]
+    except ValueError:
+        p.error(f"--workers {args.workers}: give numbers of loader processes, comma-separated (e.g. 0,2)")
     return args
 
 
@@ -284,6 +272,8 @@ def print_table(records: list[dict], file=sys.stderr) -> None:
             rate = f"{r['images_per_s']:.1f}" if r["images_per_s"] else "-"
             print(f"  loader {r['global_size']}/{r['local_size']} workers={r['workers']}: {rate} img/s "
                   f"({r['images_per_s_with_startup']:.1f} with start-up)", file=file)
+        elif r["kind"] == "e2e":
+            print(bench_e2e.table_line(r), file=file)
 
 
 def main(argv=None) -> list[dict]:
@@ -343,10 +333,8 @@ def main(argv=None) -> list[dict]:
             if size in dense_sizes:
                 cfg.loss.sorter = "dense"
                 emit(measure_step(cfg, device, amp_dtype, "neco", args.warmup, args.steps))
-    if "loader" in parts:
-        cfg = base_config(args)
-        cfg.data.global_size = max(int(s) for s in args.sizes.split(","))
-        emit(measure_loader(cfg.data, args.workers, args.loader_rounds, device, 128 if args.quick else 480))
+    if parts & {"loader", "e2e"}:
+        loader_and_e2e(args, device, amp_dtype, parts, records, emit)
     if args.compile_sort and "sort" in parts:
         for r in measure_sorts(args, device, compiled=True):
             emit(r)
@@ -354,6 +342,34 @@ def main(argv=None) -> list[dict]:
         out.close()
     print_table(records)
     return records
+
+
+def loader_and_e2e(args, device, amp_dtype, parts: set, records: list, emit) -> None:
+    """The loader alone and training end to end, at the largest global size, on one folder of JPEGs."""
+    cfg = base_config(args)
+    cfg.data.global_size = max(int(s) for s in args.sizes.split(","))
+    batch, warmup = cfg.data.batch_size, max(args.warmup, 1)
+    loader_batches = args.loader_rounds * max(max(args.workers), 1)
+    needed = max(loader_batches if "loader" in parts else 0, warmup + args.e2e_steps if "e2e" in parts else 0)
+    sorters = [cfg.loss.sorter]
+    triton_sizes = {int(s) for s in args.triton_sizes.split(",") if s}
+    if "e2e" in parts and cfg.data.global_size in triton_sizes and cfg.loss.sorter != "triton":
+        skip = triton_skip_reason(device)
+        if skip:
+            emit({"kind": "skip", "what": "e2e triton", "reason": skip})
+        else:
+            sorters.append("triton")
+    size = bench_e2e.QUICK_JPEG_SIZE if args.quick else bench_e2e.JPEG_SIZE
+    with exit_on_user_error(), bench_e2e.jpeg_folder(args.jpeg_dir, batch * needed, size) as folder:
+        data = bench_e2e.folder_summary(folder)
+        for workers in args.workers if "loader" in parts else ():
+            emit(bench_e2e.measure_loader(cfg, folder, workers, loader_batches) | data)
+        for sorter in sorters if "e2e" in parts else ():
+            cfg.loss.sorter = sorter
+            for workers in args.workers:
+                record = bench_e2e.measure_e2e(cfg, device, amp_dtype, folder, workers, args.warmup,
+                                               args.e2e_steps, build_trainer)
+                emit(bench_e2e.compare(record | data, records))
 
 
 if __name__ == "__main__":
