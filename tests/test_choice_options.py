@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from neco import choices as choice_enums
 from neco.config import ExportConfig, TrainConfig
 from neco.errors import ConfigError
 from neco.eval.config import EvalAppConfig
@@ -178,3 +179,19 @@ def test_protocol_options_are_looked_up_for_every_protocol():
     # Keys stay open (each protocol checks them when it runs), values of non-choice options are not judged here.
     check_overrides(["++eval.hummingbird.anything=3", "eval.linear.epochs=2", "+eval.linear.per_dataset.voc.lr=1"],
                     EvalAppConfig, open_type=protocol_option_type)
+
+
+def test_loss_choices_are_what_the_loss_implements():
+    """check_loss_config reads the enums: each must list exactly the implementations the loss has."""
+    from neco.loss.masks import BLUR_PADDINGS, FG_CELL_RULES
+    from neco.loss.pair import SORTERS
+    from neco.loss.sorting import DISTRIBUTIONS, SORT_NETWORKS
+
+    def values(choice):
+        return {member.value for member in choice}
+
+    assert values(choice_enums.SortNetwork) == set(SORT_NETWORKS)
+    assert values(choice_enums.Distribution) == set(DISTRIBUTIONS)
+    assert values(choice_enums.Sorter) == set(SORTERS) | {"auto"}
+    assert values(choice_enums.MaskBlurPadding) == set(BLUR_PADDINGS)
+    assert values(choice_enums.FgCellRule) == set(FG_CELL_RULES)

@@ -14,24 +14,25 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
+from neco import choices
 from neco.errors import ConfigError
-from neco.loss.masks import BLUR_PADDINGS, FG_CELL_RULES, foreground_cells
+from neco.loss.masks import foreground_cells
 from neco.loss.pair import SORTERS, pair_loss
 from neco.loss.sorter_choice import resolve_sorter
-from neco.loss.sorting import DISTRIBUTIONS, SORT_NETWORKS
 
+# The loss is also built from Python without the typed config: its choices are checked against the same enums.
 _CHOICES = {
-    "network": SORT_NETWORKS,
-    "distribution": DISTRIBUTIONS,
-    "similarity": ("cosine", "euclidean"),
-    "references": ("batch", "queue"),
-    "mask": ("all", "fg", "bg"),
-    "reference_source": ("teacher", "student"),
-    "queue_counter": ("shared", "per_queue"),
-    "box_scale": ("patch", "grid"),
-    "sorter": ("auto", *SORTERS),
-    "mask_blur_padding": BLUR_PADDINGS,
-    "fg_cell_rule": FG_CELL_RULES,
+    "network": choices.SortNetwork,
+    "distribution": choices.Distribution,
+    "similarity": choices.Similarity,
+    "references": choices.References,
+    "mask": choices.LossMask,
+    "reference_source": choices.ReferenceSource,
+    "queue_counter": choices.QueueCounter,
+    "box_scale": choices.BoxScale,
+    "sorter": choices.Sorter,
+    "mask_blur_padding": choices.MaskBlurPadding,
+    "fg_cell_rule": choices.FgCellRule,
 }
 
 QUEUE_ROWS_PER_IMAGE = 10  # the reference pushes 10 random teacher tokens per image and teacher crop
@@ -39,8 +40,8 @@ QUEUE_ROWS_PER_IMAGE = 10  # the reference pushes 10 random teacher tokens per i
 
 def check_loss_config(cfg) -> None:
     """Fail before training with the option's name when a loss setting is not one we know."""
-    for key, valid in _CHOICES.items():
-        value = getattr(cfg, key)
+    for key, choice in _CHOICES.items():
+        value, valid = getattr(cfg, key), [member.value for member in choice]
         if value not in valid:
             raise ConfigError(f"loss.{key}={value!r} is not valid; choose one of {', '.join(valid)}")
 
