@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from neco.eval.hbird_search import time_retrieval
+from neco.eval.hummingbird.search import time_retrieval
 
 
 def main(argv=None) -> dict:

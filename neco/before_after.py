@@ -39,7 +39,7 @@ class BeforeAfterEvaluator:
         self.before_path = self.run_dir / "figures" / "similarity_before.pt"
 
     def __call__(self, backbone, tag: str) -> dict:
-        from neco.eval.quick import quick_evaluate
+        from neco.eval.quick.evaluate import quick_evaluate
 
         figures = self.run_dir / "figures"
         figures.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ class BeforeAfterEvaluator:
 
     def _similarity(self, backbone, tag: str) -> float:
         """Mean ranking AUC over the validation images' queries; draws the before/now figure after "before"."""
-        from neco.eval.quick import extract_dense_features
+        from neco.eval.quick.evaluate import extract_dense_features
         from neco.viz_neighbours import class_ranking_auc, patch_labels, pick_queries, similarity_maps
 
         size = self.cfg.eval.image_size
@@ -78,7 +78,7 @@ class BeforeAfterEvaluator:
         return float(auc.nanmean())
 
     def _figure(self, backbone, before: dict, labels, maps, queries, tag: str) -> None:
-        from neco.eval.quick import load_eval_batch
+        from neco.eval.quick.evaluate import load_eval_batch
         from neco.viz_neighbours import Query, save_similarity_figure
 
         shown = [Query(**q) for q in before["queries"]]

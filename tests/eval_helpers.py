@@ -8,7 +8,7 @@ import torch
 
 from neco.data.synthetic import SyntheticScenes
 from neco.eval.context import EvalContext
-from neco.eval.features import FeatureExtractor
+from neco.eval.primitives.features import FeatureExtractor
 from neco.models.backbone import build_backbone
 
 

@@ -10,20 +10,20 @@ from skimage.measure import label as sk_label
 from torchvision.transforms import GaussianBlur
 
 from neco.errors import ConfigError
-from neco.eval.attention_fg import (
+from neco.eval.primitives.foreground import (
     attention_foreground,
     attention_maps,
     keep_mass,
     load_attention_masks,
     remove_small_components,
 )
-from neco.eval.cbfe import (
+from neco.eval.unsupervised.cbfe import (
     cluster_precisions,
     extract_foreground,
     foreground_jaccard,
     select_threshold,
 )
-from neco.eval.label_resize import resize_label_map
+from neco.eval.primitives.labels import resize_label_map
 
 
 def test_keep_mass_keeps_the_smallest_top_set_holding_65_percent():

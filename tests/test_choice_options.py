@@ -20,11 +20,11 @@ from neco.config import ExportConfig, TrainConfig
 from neco.errors import ConfigError
 from neco.eval.config import EvalAppConfig
 from neco.eval.context import options_dict, typed_options
-from neco.eval.hummingbird import HummingbirdOptions
-from neco.eval.linear import LinearOptions
-from neco.eval.overcluster import OverclusterOptions
-from neco.eval.quick_protocol import QuickOptions
-from neco.eval.unsup_seg import UnsupSegOptions
+from neco.eval.hummingbird.protocol import HummingbirdOptions
+from neco.eval.linear.protocol import LinearOptions
+from neco.eval.overcluster.protocol import OverclusterOptions
+from neco.eval.quick.protocol import QuickOptions
+from neco.eval.unsupervised.protocol import UnsupSegOptions
 from neco.overrides import check_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage.feature import graycomatrix
 
-from neco.eval.community import (
+from neco.eval.unsupervised.community import (
     FIXED_ANGLES,
     REFERENCE_ANGLES,
     TrialRejected,
@@ -22,7 +22,7 @@ from neco.eval.community import (
     score_merged,
     tune,
 )
-from neco.eval.metrics import confusion_matrix
+from neco.eval.primitives.metrics import confusion_matrix
 
 TINY = torch.tensor([[0, 0, 1], [0, 2, 1], [2, 2, 1]])
 

@@ -241,7 +241,7 @@ def test_schema_lookup_and_option_listing():
 
 def test_protocol_option_typo_is_one_line_with_a_suggestion():
     from neco.eval.context import typed_options
-    from neco.eval.hummingbird import HummingbirdOptions
+    from neco.eval.hummingbird.protocol import HummingbirdOptions
 
     with pytest.raises(ConfigError) as err:
         typed_options(HummingbirdOptions, {"num_neigbours": 3}, protocol="hummingbird")

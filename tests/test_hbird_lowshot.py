@@ -4,7 +4,7 @@ import pytest
 from torch.utils.data import Subset
 
 from neco.errors import ConfigError
-from neco.eval.lowshot import (
+from neco.eval.hummingbird.lowshot import (
     dataset_ids,
     fraction_tag,
     generate_ids,

@@ -8,9 +8,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from neco.errors import ConfigError
-from neco.eval.features import HUMMINGBIRD_STD, IMAGENET_MEAN
-from neco.eval.hbird_augment import augment_pair, crop_params
-from neco.eval.hbird_memory import (
+from neco.eval.primitives.features import HUMMINGBIRD_STD, IMAGENET_MEAN
+from neco.eval.hummingbird.augment import augment_pair, crop_params
+from neco.eval.hummingbird.memory import (
     EMPTY_PATCH_SCORE,
     MemoryPlan,
     build_memory,
@@ -19,7 +19,7 @@ from neco.eval.hbird_memory import (
     rarity_scores,
     rarity_select,
 )
-from neco.eval.hbird_search import TorchIndex
+from neco.eval.hummingbird.search import TorchIndex
 
 
 def _reference_pipeline(img, mask, size, seed):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neco.eval.hbird_search import (
+from neco.eval.hummingbird.search import (
     FaissIndex,
     TorchIndex,
     make_index,

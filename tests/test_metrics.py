@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from neco.eval.metrics import (
+from neco.eval.primitives.metrics import (
     confusion_matrix,
     hungarian_match,
     iou_from_confusion,

@@ -7,8 +7,8 @@ from eval_helpers import make_context
 from PIL import Image
 
 from neco.errors import ConfigError
-from neco.eval import overcluster
-from neco.eval.overcluster import evaluated_images
+from neco.eval.overcluster import protocol as overcluster
+from neco.eval.overcluster.protocol import evaluated_images
 
 PATCH, GRID = 8, 4
 SIZE = PATCH * GRID

@@ -11,7 +11,10 @@ from PIL import Image
 
 from neco.data.eval_datasets import build_eval_dataset
 from neco.data.synthetic import SyntheticScenes
-from neco.eval import hummingbird, linear, overcluster, unsup_seg
+from neco.eval.hummingbird import protocol as hummingbird
+from neco.eval.linear import protocol as linear
+from neco.eval.overcluster import protocol as overcluster
+from neco.eval.unsupervised import protocol as unsup_seg
 
 SIZE = 48
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from neco.eval.metrics import confusion_matrix, hungarian_match, iou_from_confusion, remap_confusion
-from neco.eval.quick import (
+from neco.eval.primitives.metrics import confusion_matrix, hungarian_match, iou_from_confusion, remap_confusion
+from neco.eval.quick.evaluate import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     extract_dense_features,

@@ -14,7 +14,7 @@ import torch
 from timm.models.vision_transformer import Block
 
 from neco.errors import ConfigError
-from neco.eval.attention_fg import blur_maps
+from neco.eval.primitives.foreground import blur_maps
 from neco.loss import NeCoLoss
 from neco.loss.masks import attention_foreground, foreground_cells, gaussian_blur
 from neco.loss.neco import align

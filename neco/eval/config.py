@@ -34,11 +34,11 @@ class EvalAppConfig(TrainConfig):
 
 # The options dataclass of each protocol (neco.eval.runner.PROTOCOLS runs them), imported only when needed.
 PROTOCOL_OPTIONS = {
-    "overcluster": ("neco.eval.overcluster", "OverclusterOptions"),
-    "hummingbird": ("neco.eval.hummingbird", "HummingbirdOptions"),
-    "linear": ("neco.eval.linear", "LinearOptions"),
-    "unsup_seg": ("neco.eval.unsup_seg", "UnsupSegOptions"),
-    "quick": ("neco.eval.quick_protocol", "QuickOptions"),
+    "overcluster": ("neco.eval.overcluster.protocol", "OverclusterOptions"),
+    "hummingbird": ("neco.eval.hummingbird.protocol", "HummingbirdOptions"),
+    "linear": ("neco.eval.linear.protocol", "LinearOptions"),
+    "unsup_seg": ("neco.eval.unsupervised.protocol", "UnsupSegOptions"),
+    "quick": ("neco.eval.quick.protocol", "QuickOptions"),
 }
 
 

@@ -20,8 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from neco.choices import plain
 from neco.errors import ConfigError
-from neco.eval.features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
-from neco.eval.label_resize import CENTRE, LEGACY_NEAREST
+from neco.eval.primitives.features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
+from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST
 from neco.overrides import field_type, invalid_choice_message, unknown_key_message
 
 
@@ -74,7 +74,7 @@ class EvalContext:
         """Cached ``(float16 (N, h, w, D), uint8 (N, m, m))`` features and masks of a whole split.
 
         Masks: ``input_resize`` to ``image_size``, then ``label_resize`` to ``mask_size``
-        (neco.eval.features.resize_mask)."""
+        (neco.eval.primitives.features.resize_mask)."""
         return self.extractor.extract(
             self.dataset(split), image_size, mask_size, mean=mean, std=std, desc=f"features {split} {image_size}px",
             label_resize=label_resize, input_resize=input_resize,

@@ -6,7 +6,7 @@ Selected with ``eval=kmeans_monitor`` or ``eval=attn_monitor`` (options in ``Eva
 ``every_n_steps`` steps; the trainer logs the values as ``eval/<tag>/<name>``. IoU-type numbers (mIoU, pixel
 accuracy, Jaccard) are in percent, the rest (precision, recall, fraction of clusters) are fractions.
 
-The k-means monitor differs from the overclustering protocol (neco.eval.overcluster) on purpose, as in the
+The k-means monitor differs from the overclustering protocol (neco.eval.overcluster.protocol) on purpose, as in the
 reference: features are upsampled bilinearly to the mask size before clustering (not clustered per token),
 standardised with ``(x - mean) / (std + 1e-5)``, and k-means runs 50 iterations with seed 1.
 """
@@ -23,7 +23,7 @@ import torchvision.transforms.functional as TF
 from omegaconf import OmegaConf
 
 from neco.errors import ConfigError
-from neco.eval.clustering import (
+from neco.eval.primitives.clustering import (
     cluster_confusion,
     faiss_threads,
     kmeans_assign,
@@ -31,7 +31,7 @@ from neco.eval.clustering import (
     score_clusters,
     standardise_and_project,
 )
-from neco.eval.features import FeatureExtractor, normalize, resize_image, resize_mask
+from neco.eval.primitives.features import FeatureExtractor, normalize, resize_image, resize_mask
 from neco.loss.masks import drop_small_components, gaussian_blur, keep_mass
 
 log = logging.getLogger("neco")
@@ -211,7 +211,7 @@ class AttentionMonitor:
     def __init__(self, dataset, *, image_size: int = 448, max_images: int | None = None, threshold: float = 0.6,
                  boundary_as_foreground: bool = False, device="cpu", amp_dtype=None, batch_size: int = 32,
                  figure_dir: str | Path | None = None, num_figures: int = 0, mean=None, std=None):
-        from neco.eval.features import IMAGENET_MEAN, IMAGENET_STD
+        from neco.eval.primitives.features import IMAGENET_MEAN, IMAGENET_STD
 
         self.dataset, self.image_size, self.threshold = dataset, image_size, threshold
         self.boundary_as_foreground = boundary_as_foreground

@@ -20,7 +20,7 @@ from neco.engine.log import environment_info
 from neco.engine.setup import resolve_device, resolve_precision, seed_everything
 from neco.errors import ConfigError
 from neco.eval.context import EXPLICIT_KEY, EvalContext, ProtocolResult
-from neco.eval.features import FeatureExtractor
+from neco.eval.primitives.features import FeatureExtractor
 from neco.eval.results import append_to_table, write_results_json
 from neco.models.backbone import Backbone, build_backbone
 from neco.models.weights import WeightsError
@@ -29,11 +29,11 @@ log = logging.getLogger("neco")
 
 # Protocol name (the option of the `eval` group) -> module exposing run(ctx, cfg) -> ProtocolResult.
 PROTOCOLS = {
-    "overcluster": "neco.eval.overcluster",
-    "hummingbird": "neco.eval.hummingbird",
-    "linear": "neco.eval.linear",
-    "unsup_seg": "neco.eval.unsup_seg",
-    "quick": "neco.eval.quick_protocol",
+    "overcluster": "neco.eval.overcluster.protocol",
+    "hummingbird": "neco.eval.hummingbird.protocol",
+    "linear": "neco.eval.linear.protocol",
+    "unsup_seg": "neco.eval.unsupervised.protocol",
+    "quick": "neco.eval.quick.protocol",
 }
 # Keys of the training-time `eval` settings that a training preset may leave in cfg.eval.
 _TRAINING_EVAL_KEYS = {f.name for f in dataclasses.fields(EvalConfig)}
@@ -177,7 +177,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
 
 def _pca_figure(ctx: EvalContext, run_dir: Path) -> None:
     """PCA-to-RGB maps of the features of the first validation images (one picture of what was evaluated)."""
-    from neco.eval.features import resize_image
+    from neco.eval.primitives.features import resize_image
     from neco.viz import save_feature_pca_figure
 
     dataset = ctx.dataset("val")

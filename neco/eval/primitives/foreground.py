@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from neco.errors import ConfigError
-from neco.eval.features import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
+from neco.eval.primitives.features import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
 from neco.loss.masks import gaussian_blur
 
 __all__ = [

@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 from neco.choices import HbirdSearch, LabelResize, MemoryDtype, MemoryNorm
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
-from neco.eval.features import HUMMINGBIRD_STD, IMAGENET_MEAN, IMAGENET_STD, resize_image
-from neco.eval.hbird_memory import PER_PATCH, MemoryPlan, build_memory
-from neco.eval.hbird_search import make_index, resolve_search, search_blocks
-from neco.eval.lowshot import resolve_subset, select
-from neco.eval.metrics import confusion_matrix, hungarian_match, iou_from_confusion, remap_confusion
+from neco.eval.primitives.features import HUMMINGBIRD_STD, IMAGENET_MEAN, IMAGENET_STD, resize_image
+from neco.eval.hummingbird.memory import PER_PATCH, MemoryPlan, build_memory
+from neco.eval.hummingbird.search import make_index, resolve_search, search_blocks
+from neco.eval.hummingbird.lowshot import resolve_subset, select
+from neco.eval.primitives.metrics import confusion_matrix, hungarian_match, iou_from_confusion, remap_confusion
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class HummingbirdOptions:
     # 1.0, or a low-shot fraction such as 0.125 (1/8), 0.015625 (1/64), 0.0078125 (1/128): one memory per seed.
     train_fraction: float = 1.0
     subset_seeds: list[int] = field(default_factory=lambda: list(PUBLISHED_SUBSET_SEEDS))
-    subset_dir: str | None = None  # folder of subset lists (see neco/eval/lowshot.py); null = generate them
+    subset_dir: str | None = None  # folder of subset lists (see neco/eval/hummingbird/lowshot.py); null = generate them
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # area scale (sic, see hbird_augment)
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     jitter: float = 0.1  # brightness, contrast, saturation and hue ranges
@@ -78,7 +78,7 @@ class HummingbirdOptions:
     # vectors with empty histograms, retrievable at similarity 0. false: only filled rows exist.
     pad_memory_rows: bool = True
     # Validation masks to the input size: legacy_nearest (torch's nearest on the mask tensor, the evaluator's)
-    # | centre (PIL's nearest at cell centres). See neco/eval/label_resize.py.
+    # | centre (PIL's nearest at cell centres). See neco/eval/primitives/labels.py.
     label_resize: LabelResize = LabelResize.legacy_nearest
     # Memory features: per_patch (each patch feature / its norm; the evaluator since November 2024) |
     # per_image_axis_v1 (each feature dimension / its norm over the image's patches: releases up to 1.1.0).
@@ -240,7 +240,7 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
 
 
 def _figures(ctx, val, preds, size, num_classes, ignore, label_resize) -> list[str]:
-    from neco.eval.features import resize_mask
+    from neco.eval.primitives.features import resize_mask
     from neco.viz import save_segmentation_figure
 
     n = preds.shape[0]

@@ -3,7 +3,7 @@
 Every protocol reads the same thing: the backbone's final-norm patch tokens (CLS and registers dropped, no
 projection head) of square-resized, ImageNet-normalised images, and the ground truth resized with nearest
 neighbour to the input size and then, when asked, to a smaller evaluation size (100x100 in most protocols),
-each step with a named nearest rule (neco.eval.label_resize). A sweep over protocols therefore extracts each
+each step with a named nearest rule (neco.eval.primitives.labels). A sweep over protocols therefore extracts each
 split once: the cache key is (weights, dataset, split, images, input size, mask size, resize rules,
 normalisation).
 """
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from neco.eval.label_resize import CENTRE, LEGACY_NEAREST, resize_label_map
+from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST, resize_label_map
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`eval=quick` in `python -m neco.eval`: the quickstart's reduced check (neco.eval.quick) as a protocol.
+"""`eval=quick` in `python -m neco.eval`: the quickstart's reduced check (neco.eval.quick.evaluate) as a protocol.
 
 Not a published protocol: dense NN retrieval without augmentation or memory sampling, and k-means with one
 restart, on small images. It measures the same thing as training's before/after evaluation, so a quickstart
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
-from neco.eval.quick import quick_evaluate
+from neco.eval.quick.evaluate import quick_evaluate
 
 
 @dataclass

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from neco.errors import ConfigError
-from neco.eval.clustering import faiss_threads
-from neco.eval.label_resize import nearest_source_indices
+from neco.eval.primitives.clustering import faiss_threads
+from neco.eval.primitives.labels import nearest_source_indices
 
 __all__ = ["faiss_threads", "standardise_pca", "faiss_kmeans", "assign", "ForegroundClustering"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from neco.eval.metrics import confusion_matrix, iou_from_confusion
+from neco.eval.primitives.metrics import confusion_matrix, iou_from_confusion
 
 # Rough cap on the (queries x memory) similarity block: the search's peak memory stays bounded for any split.
 _SIM_BLOCK_ELEMENTS = 1 << 24

@@ -1,13 +1,13 @@
 """Fully unsupervised semantic segmentation: CBFE + community detection (METHOD.md §6.5, `fully_unsup_seg.py`).
 
 1. Final-norm patch tokens of VOC train (1,464 images) and val at 448 px, standardised and PCA'd to 50 dims
-   jointly; noisy foreground masks from the last block's CLS attention (:mod:`neco.eval.attention_fg`).
+   jointly; noisy foreground masks from the last block's CLS attention (:mod:`neco.eval.primitives.foreground`).
 2. Spherical k-means (k_fg = 200) of all train+val tokens, then cluster-based foreground extraction at
-   100x100 (:mod:`neco.eval.cbfe`).
+   100x100 (:mod:`neco.eval.unsupervised.cbfe`).
 3. Euclidean k-means of the foreground pixels into ``k_community`` clusters (background: id ``k_community``);
    optionally the CBFE-only score (``num_classes - 1`` clusters, seeds 0-4, Hungarian matching).
 4. A co-occurrence graph of those clusters, Infomap modules as segments, Hungarian-matched mIoU on val at
-   100x100 (boundary removed), mean and std over the Infomap runs (:mod:`neco.eval.community`).
+   100x100 (boundary removed), mean and std over the Infomap runs (:mod:`neco.eval.unsupervised.community`).
 
 The reference tunes ``weight_threshold``, ``markov_time`` and ``k_community`` with Optuna against the *train*
 ground truth (and also picks the CBFE threshold with it); ``tune: true`` does the same, otherwise the fixed
@@ -24,9 +24,9 @@ import torch
 
 from neco.choices import CooccurrenceAngles
 from neco.errors import ConfigError
-from neco.eval.attention_fg import attention_foreground, attention_maps, load_attention_masks
-from neco.eval.cbfe import extract_foreground
-from neco.eval.community import (
+from neco.eval.primitives.foreground import attention_foreground, attention_maps, load_attention_masks
+from neco.eval.unsupervised.cbfe import extract_foreground
+from neco.eval.unsupervised.community import (
     FIXED_ANGLES,
     REFERENCE_ANGLES,
     TrialRejected,
@@ -38,10 +38,10 @@ from neco.eval.community import (
     tune,
 )
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
-from neco.eval.features import resize_image
-from neco.eval.label_resize import resize_label_map
-from neco.eval.metrics import confusion_matrix, iou_from_confusion, many_to_one_match, remap_confusion
-from neco.eval.unsup_cluster import ForegroundClustering, assign, faiss_kmeans, faiss_threads, standardise_pca
+from neco.eval.primitives.features import resize_image
+from neco.eval.primitives.labels import resize_label_map
+from neco.eval.primitives.metrics import confusion_matrix, iou_from_confusion, many_to_one_match, remap_confusion
+from neco.eval.unsupervised.clustering import ForegroundClustering, assign, faiss_kmeans, faiss_threads, standardise_pca
 
 SUPPORTED_DATASETS = ("voc", "synthetic")
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from neco.eval.metrics import hungarian_match, iou_from_confusion, remap_confusion
+from neco.eval.primitives.metrics import hungarian_match, iou_from_confusion, remap_confusion
 
 __all__ = [
     "REFERENCE_ANGLES",
@@ -147,7 +147,7 @@ def score_merged(cluster_conf: torch.Tensor, lut: torch.Tensor, num_classes: int
 
     The merged ids (``lut[cluster]``) form a rectangular ``(C, max(C, max id + 1))`` matrix: the reference's
     ``PredsmIoU(21, 21)`` instead assumes ids below 21 (METHOD.md §10.17); here every id takes part in the
-    one-to-one matching and unmatched ids count as class 0 (``neco.eval.metrics.hungarian_match``).
+    one-to-one matching and unmatched ids count as class 0 (``neco.eval.primitives.metrics.hungarian_match``).
     """
     num_pred = max(num_classes, int(lut.max()) + 1)
     conf = remap_confusion(cluster_conf, lut, num_pred)

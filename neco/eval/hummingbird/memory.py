@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from neco.errors import ConfigError
-from neco.eval.hbird_augment import AugmentedPairs, item_generator
+from neco.eval.hummingbird.augment import AugmentedPairs, item_generator
 
 EMPTY_PATCH_SCORE = 1e6  # the reference's score for a patch without any counted class: kept last
 PER_PATCH = "per_patch"

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from neco.choices import LabelResize, MiouClasses
 from neco.errors import ConfigError
-from neco.eval.clustering import (
+from neco.eval.primitives.clustering import (
     cluster_confusion,
     faiss_threads,
     kmeans_assign,
@@ -31,7 +31,7 @@ from neco.eval.clustering import (
     standardise_and_project,
 )
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
-from neco.eval.label_resize import tokens_to_mask
+from neco.eval.primitives.labels import tokens_to_mask
 
 # Datasets whose reference loader drops the last incomplete batch (METHOD.md §10.13): the VOC data module is built
 # with drop_last=True in eval_overcluster.py; the COCO and ADE20K validation loaders keep every image.
@@ -68,7 +68,7 @@ class OverclusterOptions:
     faiss_threads: Optional[int] = None  # null: faiss's default (all cores)
     # How the 448 px ground truth is shrunk to mask_size and the token cluster maps are enlarged to it:
     # legacy_nearest (torch's nearest, top-left source pixel of each cell: the reference) | centre (PIL's
-    # nearest at cell centres). See neco/eval/label_resize.py.
+    # nearest at cell centres). See neco/eval/primitives/labels.py.
     label_resize: LabelResize = LabelResize.legacy_nearest
 
 
@@ -156,7 +156,7 @@ def _summaries(results: dict, num_classes: int, class_names) -> tuple[dict, dict
 
 
 def _figures(ctx: EvalContext, dataset, results: dict, feats, masks, opts, num_classes, ignore_index) -> list[str]:
-    from neco.eval.features import resize_image
+    from neco.eval.primitives.features import resize_image
     from neco.viz import save_feature_pca_figure, save_segmentation_figure
 
     n = min(ctx.num_figures, feats.shape[0])

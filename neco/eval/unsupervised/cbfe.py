@@ -7,7 +7,7 @@ whose foreground best matches the train ground truth (mean per-image Jaccard, bo
 foreground), and round its score to the nearest multiple of 0.05. Val uses the same threshold on scores
 recomputed from val. Everything happens at the evaluation size (100x100): cluster maps, attention masks and
 ground truth are brought there with torch's legacy ``nearest`` resize, as the reference does
-(neco.eval.label_resize); every map is sampled at the top-left corner of each output cell, so all three stay
+(neco.eval.primitives.labels); every map is sampled at the top-left corner of each output cell, so all three stay
 aligned.
 """
 

@@ -22,16 +22,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from neco.eval.clustering import faiss_threads, kmeans_plus_plus
-from neco.eval.label_resize import CENTRE, resize_label_map
-from neco.eval.metrics import (
+from neco.eval.primitives.clustering import faiss_threads, kmeans_plus_plus
+from neco.eval.primitives.labels import CENTRE, resize_label_map
+from neco.eval.primitives.metrics import (
     confusion_matrix,
     hungarian_match,
     iou_from_confusion,
     many_to_one_match,
     remap_confusion,
 )
-from neco.eval.retrieval import knn_search, nn_retrieval_miou, patch_label_histograms
+from neco.eval.primitives.knn import knn_search, nn_retrieval_miou, patch_label_histograms
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from neco.choices import LabelResize, MiouClasses
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
-from neco.eval.features import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
-from neco.eval.label_resize import LEGACY_NEAREST
-from neco.eval.linear_data import AugmentedPairs, evaluated_count, train_subset
-from neco.eval.linear_head import (
+from neco.eval.primitives.features import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
+from neco.eval.primitives.labels import LEGACY_NEAREST
+from neco.eval.linear.data import AugmentedPairs, evaluated_count, train_subset
+from neco.eval.linear.head import (
     TopK,
     confusion_on_features,
     eval_mode,
@@ -83,7 +83,7 @@ class LinearOptions:
     eval_mask_size: Optional[int] = 448  # eval_linear.py's mask_eval_size; null: full input size
     # How the 448 px ground truth (train and val) is shrunk to mask_size / eval_mask_size: legacy_nearest
     # (torch's nearest, top-left source pixel of each cell: the reference) | centre (PIL's nearest at cell
-    # centres). See neco/eval/label_resize.py.
+    # centres). See neco/eval/primitives/labels.py.
     label_resize: LabelResize = LabelResize.legacy_nearest
 
 

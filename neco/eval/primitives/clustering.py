@@ -15,8 +15,8 @@ import faiss
 import numpy as np
 import torch
 
-from neco.eval.label_resize import LEGACY_NEAREST, tokens_to_mask
-from neco.eval.metrics import (
+from neco.eval.primitives.labels import LEGACY_NEAREST, tokens_to_mask
+from neco.eval.primitives.metrics import (
     confusion_matrix,
     hungarian_match,
     iou_from_confusion,
@@ -272,7 +272,7 @@ def cluster_confusion(
     """``conf[class, cluster]`` over the valid pixels of ``(N, m, m)`` masks.
 
     ``assign`` holds cluster ids per token ``(N, g, g)`` (brought to the masks by
-    :func:`neco.eval.label_resize.tokens_to_mask` with ``label_resize``, which needs the input ``image_size``)
+    :func:`neco.eval.primitives.labels.tokens_to_mask` with ``label_resize``, which needs the input ``image_size``)
     or already per mask pixel ``(N, m, m)``.
     """
     conf = torch.zeros(num_classes, k, dtype=torch.long)

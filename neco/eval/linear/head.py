@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from neco.eval.metrics import confusion_matrix, iou_from_confusion
+from neco.eval.primitives.metrics import confusion_matrix, iou_from_confusion
 
 __all__ = [
     "make_head",

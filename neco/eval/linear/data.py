@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from neco.eval.label_resize import LEGACY_NEAREST, resize_label_map
+from neco.eval.primitives.labels import LEGACY_NEAREST, resize_label_map
 
 __all__ = [
     "random_resized_crop_params",
@@ -109,7 +109,7 @@ class AugmentedPairs(Dataset):
         if rng.random() < self.hflip:
             x, m = x[:, ::-1], m[:, ::-1]
         if self.mask_size is not None and self.mask_size != self.image_size:
-            # The second nearest step, the one the validation masks get (neco.eval.features.resize_mask).
+            # The second nearest step, the one the validation masks get (neco.eval.primitives.features.resize_mask).
             m = resize_label_map(m, self.mask_size, self.label_resize)
         if m.min() < 0 or m.max() > 255:
             raise ValueError(f"mask of item {index} has labels outside 0..255")

@@ -1,0 +1,1 @@
+"""Hummingbird dense nearest-neighbour retrieval (METHOD.md §6.3): memory bank, search and label transfer."""
