@@ -17,13 +17,13 @@ from neco.eval.primitives.foreground import (
     load_attention_masks,
     remove_small_components,
 )
+from neco.eval.primitives.labels import resize_label_map
 from neco.eval.unsupervised.cbfe import (
     cluster_precisions,
     extract_foreground,
     foreground_jaccard,
     select_threshold,
 )
-from neco.eval.primitives.labels import resize_label_map
 
 
 def test_keep_mass_keeps_the_smallest_top_set_holding_65_percent():

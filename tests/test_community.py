@@ -9,6 +9,7 @@ import pytest
 import torch
 from skimage.feature import graycomatrix
 
+from neco.eval.primitives.metrics import confusion_matrix
 from neco.eval.unsupervised.community import (
     FIXED_ANGLES,
     REFERENCE_ANGLES,
@@ -22,7 +23,6 @@ from neco.eval.unsupervised.community import (
     score_merged,
     tune,
 )
-from neco.eval.primitives.metrics import confusion_matrix
 
 TINY = torch.tensor([[0, 0, 1], [0, 2, 1], [2, 2, 1]])
 

@@ -18,19 +18,19 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 from neco.errors import ConfigError
-from neco.eval.hummingbird import protocol as hummingbird
-from neco.eval.linear import protocol as linear
-from neco.eval.overcluster import protocol as overcluster
-from neco.eval.primitives.clustering import cluster_confusion, score_clusters
 from neco.eval.context import typed_options
-from neco.eval.primitives.features import FeatureExtractor, resize_mask
+from neco.eval.hummingbird import protocol as hummingbird
 from neco.eval.hummingbird.memory import MemoryPlan, build_memory, normalise_memory_features
-from neco.eval.hummingbird.search import TorchIndex
 from neco.eval.hummingbird.protocol import HummingbirdOptions, evaluate_memory, label_transfer, score
-from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST, resize_label_map, tokens_to_mask
+from neco.eval.hummingbird.search import TorchIndex
+from neco.eval.linear import protocol as linear
 from neco.eval.linear.data import AugmentedPairs
 from neco.eval.linear.head import confusion_on_features, linear_miou, make_head
+from neco.eval.overcluster import protocol as overcluster
 from neco.eval.overcluster.protocol import OverclusterOptions
+from neco.eval.primitives.clustering import cluster_confusion, score_clusters
+from neco.eval.primitives.features import FeatureExtractor, resize_mask
+from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST, resize_label_map, tokens_to_mask
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "eval"
 GRID4 = np.arange(16).reshape(4, 4)

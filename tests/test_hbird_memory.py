@@ -8,7 +8,6 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from neco.errors import ConfigError
-from neco.eval.primitives.features import HUMMINGBIRD_STD, IMAGENET_MEAN
 from neco.eval.hummingbird.augment import augment_pair, crop_params
 from neco.eval.hummingbird.memory import (
     EMPTY_PATCH_SCORE,
@@ -20,6 +19,7 @@ from neco.eval.hummingbird.memory import (
     rarity_select,
 )
 from neco.eval.hummingbird.search import TorchIndex
+from neco.eval.primitives.features import HUMMINGBIRD_STD, IMAGENET_MEAN
 
 
 def _reference_pipeline(img, mask, size, seed):

@@ -11,11 +11,17 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from neco.errors import ConfigError
-from neco.eval.hummingbird import protocol as hummingbird
 from neco.eval.context import typed_options
-from neco.eval.primitives.features import HUMMINGBIRD_STD, IMAGENET_MEAN, IMAGENET_STD
+from neco.eval.hummingbird import protocol as hummingbird
+from neco.eval.hummingbird.protocol import (
+    HummingbirdOptions,
+    default_input_size,
+    label_transfer,
+    score,
+    upsample_argmax,
+)
 from neco.eval.hummingbird.search import TorchIndex, search_blocks
-from neco.eval.hummingbird.protocol import HummingbirdOptions, default_input_size, label_transfer, score, upsample_argmax
+from neco.eval.primitives.features import HUMMINGBIRD_STD, IMAGENET_MEAN, IMAGENET_STD
 from neco.eval.primitives.metrics import confusion_matrix
 
 YAML = Path(__file__).resolve().parents[1] / "conf" / "eval" / "hummingbird.yaml"

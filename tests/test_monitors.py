@@ -13,8 +13,8 @@ from neco.data.synthetic import SyntheticScenes
 from neco.engine.log import read_metrics
 from neco.errors import ConfigError
 from neco.eval import monitors
-from neco.eval.primitives.clustering import faiss_threads
 from neco.eval.monitors import AttentionMonitor, KMeansMonitor, attention_jaccards, kmeans_monitor_metrics
+from neco.eval.primitives.clustering import faiss_threads
 from neco.models.backbone import build_backbone
 from neco.train import train
 

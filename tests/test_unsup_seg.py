@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from neco.errors import ConfigError
-from neco.eval.unsupervised import protocol as unsup_seg
 from neco.eval.primitives.features import IMAGENET_MEAN, IMAGENET_STD
+from neco.eval.unsupervised import protocol as unsup_seg
 from neco.eval.unsupervised.clustering import ForegroundClustering, assign, faiss_kmeans, standardise_pca
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "eval" / "unsup_seg.yaml"

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from neco.choices import HbirdSearch, LabelResize, MemoryDtype, MemoryNorm
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
-from neco.eval.primitives.features import HUMMINGBIRD_STD, IMAGENET_MEAN, IMAGENET_STD, resize_image
+from neco.eval.hummingbird.lowshot import resolve_subset, select
 from neco.eval.hummingbird.memory import PER_PATCH, MemoryPlan, build_memory
 from neco.eval.hummingbird.search import make_index, resolve_search, search_blocks
-from neco.eval.hummingbird.lowshot import resolve_subset, select
+from neco.eval.primitives.features import HUMMINGBIRD_STD, IMAGENET_MEAN, IMAGENET_STD, resize_image
 from neco.eval.primitives.metrics import confusion_matrix, hungarian_match, iou_from_confusion, remap_confusion
 
 log = logging.getLogger(__name__)

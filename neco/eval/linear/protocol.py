@@ -24,8 +24,6 @@ from tqdm.auto import tqdm
 from neco.choices import LabelResize, MiouClasses
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
-from neco.eval.primitives.features import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
-from neco.eval.primitives.labels import LEGACY_NEAREST
 from neco.eval.linear.data import AugmentedPairs, evaluated_count, train_subset
 from neco.eval.linear.head import (
     TopK,
@@ -37,6 +35,8 @@ from neco.eval.linear.head import (
     make_head,
     masked_cross_entropy,
 )
+from neco.eval.primitives.features import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
+from neco.eval.primitives.labels import LEGACY_NEAREST
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from neco.choices import LabelResize, MiouClasses
 from neco.errors import ConfigError
+from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
 from neco.eval.primitives.clustering import (
     cluster_confusion,
     faiss_threads,
@@ -30,7 +31,6 @@ from neco.eval.primitives.clustering import (
     score_clusters,
     standardise_and_project,
 )
-from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
 from neco.eval.primitives.labels import tokens_to_mask
 
 # Datasets whose reference loader drops the last incomplete batch (METHOD.md §10.13): the VOC data module is built

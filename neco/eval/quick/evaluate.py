@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from neco.eval.primitives.clustering import faiss_threads, kmeans_plus_plus
+from neco.eval.primitives.knn import knn_search, nn_retrieval_miou, patch_label_histograms
 from neco.eval.primitives.labels import CENTRE, resize_label_map
 from neco.eval.primitives.metrics import (
     confusion_matrix,
@@ -31,7 +32,6 @@ from neco.eval.primitives.metrics import (
     many_to_one_match,
     remap_confusion,
 )
-from neco.eval.primitives.knn import knn_search, nn_retrieval_miou, patch_label_histograms
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -24,8 +24,13 @@ import torch
 
 from neco.choices import CooccurrenceAngles
 from neco.errors import ConfigError
+from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
+from neco.eval.primitives.features import resize_image
 from neco.eval.primitives.foreground import attention_foreground, attention_maps, load_attention_masks
+from neco.eval.primitives.labels import resize_label_map
+from neco.eval.primitives.metrics import confusion_matrix, iou_from_confusion, many_to_one_match, remap_confusion
 from neco.eval.unsupervised.cbfe import extract_foreground
+from neco.eval.unsupervised.clustering import ForegroundClustering, assign, faiss_kmeans, faiss_threads, standardise_pca
 from neco.eval.unsupervised.community import (
     FIXED_ANGLES,
     REFERENCE_ANGLES,
@@ -37,11 +42,6 @@ from neco.eval.unsupervised.community import (
     score_merged,
     tune,
 )
-from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
-from neco.eval.primitives.features import resize_image
-from neco.eval.primitives.labels import resize_label_map
-from neco.eval.primitives.metrics import confusion_matrix, iou_from_confusion, many_to_one_match, remap_confusion
-from neco.eval.unsupervised.clustering import ForegroundClustering, assign, faiss_kmeans, faiss_threads, standardise_pca
 
 SUPPORTED_DATASETS = ("voc", "synthetic")
 
