@@ -1,4 +1,4 @@
-"""Standardisation, PCA, k-means and cluster scoring (neco.eval.primitives.clustering) against brute force and hand values."""
+"""Standardisation, PCA, k-means and cluster scoring (neco.eval.primitives) against brute force and hand values."""
 
 import numpy as np
 import pytest
