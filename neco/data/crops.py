@@ -77,7 +77,7 @@ def random_resized_crop_params(
 ) -> tuple[int, int, int, int]:
     """``(top, left, h, w)`` of one random resized crop of a ``height`` x ``width`` image (module docstring).
 
-    The fallback follows torchvision to the letter, including its rounding: a 1-pixel-high image with a ratio
+    The fallback follows torchvision to the letter, including its rounding: a 1-pixel-wide image with a ratio
     range [2, 3] gets ``h = round(1 / 2) = 0``, a crop that callers must be ready to refuse.
     """
     if height < 1 or width < 1:
