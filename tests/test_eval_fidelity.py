@@ -24,7 +24,7 @@ from neco.eval.hummingbird.memory import MemoryPlan, build_memory, normalise_mem
 from neco.eval.hummingbird.protocol import HummingbirdOptions, evaluate_memory, label_transfer, score
 from neco.eval.hummingbird.search import TorchIndex
 from neco.eval.linear import protocol as linear
-from neco.eval.linear.data import AugmentedPairs
+from neco.eval.linear.data import training_pairs
 from neco.eval.linear.head import confusion_on_features, linear_miou, make_head
 from neco.eval.overcluster import protocol as overcluster
 from neco.eval.overcluster.protocol import OverclusterOptions
@@ -162,7 +162,7 @@ def test_feature_cache_keeps_the_two_resize_rules_apart(tmp_path):
 def test_linear_training_masks_are_flipped_before_the_shrink(mode, want):
     # Full-image crops (scale and ratio 1), always flipped: the flipped 4x4 map, then shrunk. Shrinking first
     # and flipping after would give [[2, 0], [10, 8]] with torch's nearest.
-    pairs = AugmentedPairs(LabelMaps([GRID4]), [0], 4, 2, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0,
+    pairs = training_pairs(LabelMaps([GRID4]), [0], 4, 2, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0,
                            label_resize=mode)
     _, m = pairs[0]
     assert m.tolist() == want

@@ -7,8 +7,9 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from neco.data.crops import random_resized_crop_params
 from neco.errors import ConfigError
-from neco.eval.hummingbird.augment import augment_pair, crop_params
+from neco.eval.hummingbird.augment import memory_pairs
 from neco.eval.hummingbird.memory import (
     EMPTY_PATCH_SCORE,
     MemoryPlan,
@@ -48,8 +49,8 @@ def test_augmentation_reproduces_the_reference_bit_for_bit():
     mask_np[:3] = 255
     for seed in range(12):  # covers jitter ops on and off, accepted crops and the fallback
         ref_x, ref_m = _reference_pipeline(img, Image.fromarray(mask_np), 24, seed)
-        x, m = augment_pair(img, torch.from_numpy(mask_np.astype(np.int64)), 24, IMAGENET_MEAN, HUMMINGBIRD_STD,
-                            torch.Generator().manual_seed(seed))
+        pairs = memory_pairs([], 24, IMAGENET_MEAN, HUMMINGBIRD_STD, seed=0, epoch=0)
+        x, m = pairs.augment(img, torch.from_numpy(mask_np.astype(np.int64)), torch.Generator().manual_seed(seed))
         assert torch.equal(x, ref_x), seed
         assert torch.equal(m, ref_m), seed
 
@@ -61,7 +62,7 @@ def test_crop_scale_above_one_is_rejected_then_falls_back_to_the_whole_image():
         for seed in range(100):
             torch.manual_seed(seed)
             ref = T.RandomResizedCrop.get_params(torch.zeros(1, *shape), [0.5, 2.0], [3 / 4, 4 / 3])
-            got = crop_params(*shape, (0.5, 2.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed))
+            got = random_resized_crop_params(*shape, (0.5, 2.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed))
             assert got == ref
             i, j, h, w = got
             assert 0 < h <= shape[0] and 0 < w <= shape[1]
@@ -69,7 +70,8 @@ def test_crop_scale_above_one_is_rejected_then_falls_back_to_the_whole_image():
         if shape == (40, 40):
             assert 0 < whole < 100  # the fallback happens, but not always
     # A very wide image falls back to the centred crop of the extreme ratio, never to a padded box.
-    assert crop_params(10, 100, (5.0, 5.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0)) == (0, 43, 10, 13)
+    wide = random_resized_crop_params(10, 100, (5.0, 5.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    assert wide == (0, 43, 10, 13)
 
 
 def _brute_counts(masks, p, c, ignore, to_bg):

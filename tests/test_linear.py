@@ -13,9 +13,10 @@ from eval_helpers import make_context, synthetic_splits
 from omegaconf import OmegaConf
 from PIL import Image
 
+from neco.data.crops import random_resized_crop_params
 from neco.errors import ConfigError
 from neco.eval.context import typed_options
-from neco.eval.linear.data import AugmentedPairs, evaluated_count, random_resized_crop_params, train_subset
+from neco.eval.linear.data import evaluated_count, train_subset, training_pairs
 from neco.eval.linear.head import TopK, head_logits, linear_miou, load_head, make_head, masked_cross_entropy
 from neco.eval.linear.protocol import LinearOptions, evaluate_head, reference_loader_settings, run
 from neco.eval.primitives.features import IMAGENET_MEAN, IMAGENET_STD
@@ -89,11 +90,11 @@ SMALL = dict(image_size=SIZE, mask_size=GRID, epochs=4, lr_step=3, batch_size=8,
 
 def test_crop_params_full_image_and_fallback():
     rng = np.random.default_rng(0)
-    assert random_resized_crop_params(rng, 40, 40, (1.0, 1.0), (1.0, 1.0)) == (0, 0, 40, 40)
+    assert random_resized_crop_params(40, 40, (1.0, 1.0), (1.0, 1.0), rng) == (0, 0, 40, 40)
     # No crop of ratio in [2, 3] fits a square: the central fallback, width 40, height round(40 / 2) = 20.
-    assert random_resized_crop_params(rng, 40, 40, (1.0, 1.0), (2.0, 3.0)) == (10, 0, 20, 40)
+    assert random_resized_crop_params(40, 40, (1.0, 1.0), (2.0, 3.0), rng) == (10, 0, 20, 40)
     for _ in range(200):
-        top, left, h, w = random_resized_crop_params(rng, 30, 50, (0.8, 1.0), (3 / 4, 4 / 3))
+        top, left, h, w = random_resized_crop_params(30, 50, (0.8, 1.0), (3 / 4, 4 / 3), rng)
         assert 0 <= top and top + h <= 30 and 0 <= left and left + w <= 50
         assert 0.8 * 1500 - 60 <= h * w <= 1500  # area fraction in [0.8, 1] up to the rounding of w and h
 
@@ -101,7 +102,7 @@ def test_crop_params_full_image_and_fallback():
 def test_augmentation_is_joint_deterministic_and_flips_both():
     data = StripeScenes(4, 0)
     data.masks[:] = torch.arange(4).repeat_interleave(PATCH)  # every class in every image
-    make = lambda flip: AugmentedPairs(data, range(4), 24, None, hflip=flip, seed=3)  # noqa: E731
+    make = lambda flip: training_pairs(data, range(4), 24, None, hflip=flip, seed=3)  # noqa: E731
     x0, m0 = make(0.0)[1]
     x1, m1 = make(1.0)[1]
     assert x0.shape == (3, 24, 24) and x0.dtype == torch.uint8 and m0.shape == (24, 24)
@@ -114,7 +115,7 @@ def test_augmentation_is_joint_deterministic_and_flips_both():
     colour_class = torch.cdist(x0.permute(1, 2, 0).reshape(-1, 3).float(), torch.tensor(PALETTE).float()).argmin(1)
     assert (colour_class == m0.reshape(-1).long()).float().mean() > 0.85
     # Masks then go nearest to the scoring size, like the val masks.
-    assert AugmentedPairs(data, range(4), 24, 6)[0][1].shape == (6, 6)
+    assert training_pairs(data, range(4), 24, 6)[0][1].shape == (6, 6)
 
 
 def test_train_subset_and_evaluated_counts(tmp_path):

@@ -1,5 +1,5 @@
-"""Data: multi-crop training transform with pairwise boxes, synthetic scenes, on-disk training readers and
-evaluation datasets (images with masks mapped to train ids).
+"""Data: the random-resized-crop rule (shared with the evaluations), multi-crop training transform with pairwise
+boxes, synthetic scenes, on-disk training readers and evaluation datasets (images with masks mapped to train ids).
 
 Names are imported on first use, so that ``python -m neco.data.check`` and ``prepare`` do not pay for
 torchvision (needed by the multi-crop transform only).
@@ -8,6 +8,7 @@ torchvision (needed by the multi-crop transform only).
 import importlib
 
 _EXPORTS = {
+    "crops": ("CROP_ATTEMPTS", "random_resized_crop_params"),
     "datasets": ("IMAGENET100_WNIDS", "BadImageCounter", "DatasetNotFound", "ImageFileDataset", "ImageFolderDataset",
                  "ImageReadError", "bad_image_count", "build_train_dataset", "coco_train", "find_voc",
                  "imagenet100_train", "imagenet_train", "load_rgb", "voc_trainaug"),

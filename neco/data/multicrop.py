@@ -18,19 +18,14 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
+from neco.data.crops import random_resized_crop_params
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class CropSamplingError(ValueError):
     """No crop met the overlap rule within ``max_resample`` redraws (fixable in the data config)."""
-
-
-def _crop_params(width: int, height: int, scale: Sequence[float], ratio: Sequence[float]) -> tuple:
-    """One RandomResizedCrop draw ``(top, left, h, w)`` from torchvision itself, from the global torch RNG."""
-    # get_params only reads the image's dimensions; an empty tensor of the right shape costs no memory.
-    shape_only = torch.empty(0, height, width)
-    return T.RandomResizedCrop.get_params(shape_only, list(scale), list(ratio))
 
 
 def _intersection_area(a: Sequence[int], b: Sequence[int]) -> int:
@@ -68,7 +63,7 @@ def sample_crop_boxes(
         required = 2 * need if (is_global and i >= 1) else need
         earlier_globals = boxes[: min(i, num_global)]
         for _attempt in range(max_resample + 1):
-            top, left, h, w = _crop_params(width, height, scale, ratio)
+            top, left, h, w = random_resized_crop_params(height, width, scale, ratio)  # torch's global RNG
             box = [left, top, left + w, top + h]
             if all(_intersection_area(box, g) > required for g in earlier_globals):
                 break

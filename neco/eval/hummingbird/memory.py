@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from neco.errors import ConfigError
-from neco.eval.hummingbird.augment import AugmentedPairs, item_generator
+from neco.eval.hummingbird.augment import memory_pairs
+from neco.eval.primitives.pairs import item_generator
 
 EMPTY_PATCH_SCORE = 1e6  # the reference's score for a patch without any counted class: kept last
 PER_PATCH = "per_patch"
@@ -187,8 +188,7 @@ def build_memory(
     try:
         for epoch in range(plan.epochs):
             loader = DataLoader(
-                AugmentedPairs(dataset, image_size, mean, std, seed, epoch, crop_scale, crop_ratio, jitter,
-                               jitter_p),
+                memory_pairs(dataset, image_size, mean, std, seed, epoch, crop_scale, crop_ratio, jitter, jitter_p),
                 batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
             )
             start = 0

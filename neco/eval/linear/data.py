@@ -8,113 +8,41 @@ crops do not depend on the number of loader workers or the order in which they p
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
-from neco.eval.primitives.labels import LEGACY_NEAREST, resize_label_map
+from neco.eval.primitives.labels import LEGACY_NEAREST
+from neco.eval.primitives.pairs import AugmentedPairs
 
 __all__ = [
-    "random_resized_crop_params",
-    "AugmentedPairs",
+    "training_pairs",
     "train_subset",
     "evaluated_count",
 ]
 
 
-def random_resized_crop_params(
-    rng: np.random.Generator, height: int, width: int, scale: Sequence[float], ratio: Sequence[float]
-) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` of a crop, by the rule of torchvision's ``RandomResizedCrop.get_params``.
-
-    Ten tries of an area fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio``; the first
-    that fits is placed uniformly. If none fits, a central crop clamped to the ratio range.
-    """
-    area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-class AugmentedPairs(Dataset):
+def training_pairs(
+    dataset,
+    indices: Sequence[int],
+    image_size: int,
+    mask_size: int | None,
+    scale: Sequence[float] = (0.8, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    seed: int = 0,
+    label_resize: str = LEGACY_NEAREST,
+) -> AugmentedPairs:
     """``(uint8 image (3, S, S), uint8 mask (m, m))``: crop, resize, flip; masks then nearest to ``mask_size``.
 
     As the reference: the crop is resized (PIL, nearest for the mask) and flipped at the input size, and the
     mask is shrunk to ``mask_size`` afterwards with ``label_resize`` (the training step's ``F.interpolate``).
-    The order matters: torch's nearest is not mirror-symmetric.
-
     Images stay uint8 until the batch is on the device (normalised there), which keeps the loader workers'
-    output four times smaller than float32. Call :meth:`set_epoch` before each epoch for fresh crops.
+    output four times smaller than float32. Call ``set_epoch`` before each epoch for fresh crops.
     """
-
-    def __init__(
-        self,
-        dataset,
-        indices: Sequence[int],
-        image_size: int,
-        mask_size: int | None,
-        scale: Sequence[float] = (0.8, 1.0),
-        ratio: Sequence[float] = (3 / 4, 4 / 3),
-        hflip: float = 0.5,
-        seed: int = 0,
-        label_resize: str = LEGACY_NEAREST,
-    ):
-        self.label_resize = label_resize
-        self.dataset, self.indices = dataset, list(indices)
-        self.image_size, self.mask_size = image_size, mask_size
-        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), float(hflip)
-        self.seed, self.epoch = int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        index = self.indices[i]
-        img, mask = self.dataset[index]
-        img = img.convert("RGB")
-        mask = np.asarray(mask, dtype=np.int32)
-        if mask.shape != (img.height, img.width):
-            raise ValueError(f"item {index}: mask {mask.shape} and image {(img.height, img.width)} differ in size")
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        top, left, h, w = random_resized_crop_params(rng, img.height, img.width, self.scale, self.ratio)
-        box = (left, top, left + w, top + h)
-        size = (self.image_size, self.image_size)
-        img = img.crop(box).resize(size, Image.Resampling.BILINEAR)
-        # Mode "I" keeps every label value through the nearest resize.
-        m = np.asarray(Image.fromarray(mask).crop(box).resize(size, Image.Resampling.NEAREST))
-        x = np.asarray(img)
-        if rng.random() < self.hflip:
-            x, m = x[:, ::-1], m[:, ::-1]
-        if self.mask_size is not None and self.mask_size != self.image_size:
-            # The second nearest step, the one the validation masks get (neco.eval.primitives.features.resize_mask).
-            m = resize_label_map(m, self.mask_size, self.label_resize)
-        if m.min() < 0 or m.max() > 255:
-            raise ValueError(f"mask of item {index} has labels outside 0..255")
-        # Copies: PIL's arrays are read-only and the flipped ones are views with negative strides.
-        return torch.from_numpy(x.copy()).permute(2, 0, 1), torch.from_numpy(m.astype(np.uint8))
+    return AugmentedPairs(dataset, image_size, random_source="numpy", resample="pil", scale=scale, ratio=ratio,
+                          indices=indices, seed=seed, hflip=hflip, mask_size=mask_size, label_resize=label_resize)
 
 
 def _image_ids(dataset, indices: Sequence[int]) -> list[str]:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from neco.choices import LabelResize, MiouClasses
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
-from neco.eval.linear.data import AugmentedPairs, evaluated_count, train_subset
+from neco.eval.linear.data import evaluated_count, train_subset, training_pairs
 from neco.eval.linear.head import (
     TopK,
     confusion_on_features,
@@ -125,8 +125,8 @@ def _autocast(ctx: EvalContext):
 
 def _augmented_batches(ctx, opts, train_set, indices, epoch: int, shuffle: bool, generator: torch.Generator):
     """Freshly augmented images through the frozen backbone: ``(tokens (B, h, w, D) float32, masks)``."""
-    pairs = AugmentedPairs(train_set, indices, opts.image_size, opts.mask_size, opts.crop_scale, opts.crop_ratio,
-                           opts.hflip, seed=ctx.seed, label_resize=opts.label_resize)
+    pairs = training_pairs(train_set, indices, opts.image_size, opts.mask_size, opts.crop_scale, opts.crop_ratio,
+                          opts.hflip, seed=ctx.seed, label_resize=opts.label_resize)
     pairs.set_epoch(epoch)
     sampler = RandomSampler(pairs, generator=generator) if shuffle else SequentialSampler(pairs)
     loader = DataLoader(pairs, batch_size=opts.batch_size, sampler=sampler, drop_last=opts.drop_last,
