@@ -13,10 +13,64 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import time
 
 import torch
 
-from neco.eval.hummingbird.search import time_retrieval
+from neco.eval.primitives.knn import make_index, resolve_search, search_blocks
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CPU-GPU sync: the clock must see the finished kernels
+
+
+def time_retrieval(
+    num_memory: int,
+    num_queries: int,
+    dim: int = 384,
+    k: int = 30,
+    device: str | torch.device = "cpu",
+    search: str = "torch",
+    memory_dtype: str = "float16",
+    slice_memory: int | None = None,
+    slice_queries: int | None = None,
+    query_block: int = 4096,
+    seed: int = 0,
+) -> dict:
+    """Time the exact search of ``num_queries`` against ``num_memory`` rows of dimension ``dim``.
+
+    With ``slice_memory`` / ``slice_queries`` smaller than the full sizes, only that slice is searched (random unit
+    vectors) and the time is extrapolated linearly in both (the search cost is ``Q x M x D``); ``extrapolated`` in
+    the result says so. Returns the measured seconds, the slice, and the estimated full time.
+    """
+    device = torch.device(device)
+    search = resolve_search(search, device)
+    m = min(slice_memory or num_memory, num_memory)
+    q = min(slice_queries or num_queries, num_queries)
+    g = torch.Generator(device).manual_seed(seed)  # random data made where it is searched: no transfer
+    index = make_index(search, m, dim, device, memory_dtype)
+    block = 1 << 18
+    for s in range(0, m, block):  # filled block by block, as the real memory is
+        x = torch.randn(min(block, m - s), dim, generator=g, device=device)
+        index.add(torch.nn.functional.normalize(x, dim=1))
+    queries = torch.nn.functional.normalize(torch.randn(q, dim, generator=g, device=device), dim=1)
+    search_blocks(index, queries[: min(q, 64)], k, query_block)  # warm-up (kernels, thread pools)
+    _sync(device)
+    start = time.perf_counter()
+    search_blocks(index, queries, k, query_block)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    factor = (num_memory / m) * (num_queries / q)
+    return {
+        "search": search, "device": str(device), "dim": dim, "k": k,
+        # faiss on a CPU always stores float32
+        "memory_dtype": "float32" if search == "faiss" and device.type != "cuda" else memory_dtype,
+        "slice_memory": m, "slice_queries": q, "slice_seconds": seconds,
+        "num_memory": num_memory, "num_queries": num_queries,
+        "extrapolated": not math.isclose(factor, 1.0), "estimated_seconds": seconds * factor,
+    }
 
 
 def main(argv=None) -> dict:

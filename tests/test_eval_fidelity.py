@@ -22,7 +22,6 @@ from neco.eval.context import typed_options
 from neco.eval.hummingbird import protocol as hummingbird
 from neco.eval.hummingbird.memory import MemoryPlan, build_memory, normalise_memory_features
 from neco.eval.hummingbird.protocol import HummingbirdOptions, evaluate_memory, label_transfer, score
-from neco.eval.hummingbird.search import TorchIndex
 from neco.eval.linear import protocol as linear
 from neco.eval.linear.data import training_pairs
 from neco.eval.linear.head import confusion_on_features, linear_miou, make_head
@@ -30,6 +29,7 @@ from neco.eval.overcluster import protocol as overcluster
 from neco.eval.overcluster.protocol import OverclusterOptions
 from neco.eval.primitives.clustering import cluster_confusion, score_clusters
 from neco.eval.primitives.features import FeatureExtractor, resize_mask
+from neco.eval.primitives.knn import TorchIndex
 from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST, resize_label_map, tokens_to_mask
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "eval"

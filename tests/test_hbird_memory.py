@@ -19,8 +19,8 @@ from neco.eval.hummingbird.memory import (
     rarity_scores,
     rarity_select,
 )
-from neco.eval.hummingbird.search import TorchIndex
 from neco.eval.primitives.features import HUMMINGBIRD_STD, IMAGENET_MEAN
+from neco.eval.primitives.knn import TorchIndex
 
 
 def _reference_pipeline(img, mask, size, seed):

@@ -1,4 +1,4 @@
-"""Hummingbird exact search (torch and faiss) against brute force, and the cost-timing helper."""
+"""The Hummingbird memory indexes (torch and faiss) against brute force, and the search-cost benchmark."""
 
 import importlib.util
 from pathlib import Path
@@ -8,16 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neco.eval.hummingbird.search import (
-    FaissIndex,
-    TorchIndex,
-    make_index,
-    resolve_search,
-    search_blocks,
-    time_retrieval,
-)
+from neco.errors import ConfigError
+from neco.eval.primitives.knn import FaissIndex, TorchIndex, make_index, resolve_search, search_blocks
 
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "hummingbird_cost.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("hummingbird_cost", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _data(m=500, q=60, d=16, seed=0):
@@ -67,11 +69,12 @@ def test_resolve_search():
     cpu = torch.device("cpu")
     assert resolve_search("torch", cpu) == "torch"
     assert resolve_search("auto", cpu) == ("faiss" if HAS_FAISS else "torch")
-    with pytest.raises(ValueError):
-        resolve_search("scann", cpu)
+    with pytest.raises(ConfigError, match="eval.hummingbird.search"):
+        resolve_search("scann", cpu, "eval.hummingbird.search")
 
 
 def test_time_retrieval_extrapolates_linearly():
+    time_retrieval = _bench().time_retrieval
     res = time_retrieval(40_000, 3_000, dim=8, k=5, slice_memory=4_000, slice_queries=300, query_block=128)
     assert res["extrapolated"] and res["slice_memory"] == 4_000 and res["slice_queries"] == 300
     assert res["estimated_seconds"] == pytest.approx(res["slice_seconds"] * 100)
@@ -80,10 +83,6 @@ def test_time_retrieval_extrapolates_linearly():
 
 
 def test_bench_script_prints_an_extrapolation(capsys):
-    path = Path(__file__).resolve().parents[1] / "bench" / "hummingbird_cost.py"
-    spec = importlib.util.spec_from_file_location("hummingbird_cost", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    res = mod.main(["--memory", "20000", "--queries", "400", "--dim", "8", "--slice-memory", "2000",
+    res = _bench().main(["--memory", "20000", "--queries", "400", "--dim", "8", "--slice-memory", "2000",
                     "--slice-queries", "100", "--device", "cpu"])
     assert res["extrapolated"] and "EXTRAPOLATED" in capsys.readouterr().out

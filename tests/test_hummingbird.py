@@ -20,8 +20,8 @@ from neco.eval.hummingbird.protocol import (
     score,
     upsample_argmax,
 )
-from neco.eval.hummingbird.search import TorchIndex, search_blocks
 from neco.eval.primitives.features import HUMMINGBIRD_STD, IMAGENET_MEAN, IMAGENET_STD
+from neco.eval.primitives.knn import TorchIndex, search_blocks
 from neco.eval.primitives.metrics import confusion_matrix
 
 YAML = Path(__file__).resolve().parents[1] / "conf" / "eval" / "hummingbird.yaml"

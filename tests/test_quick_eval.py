@@ -12,7 +12,6 @@ from neco.eval.quick.evaluate import (
     IMAGENET_STD,
     extract_dense_features,
     kmeans_miou,
-    knn_search,
     nn_retrieval_miou,
     patch_label_histograms,
     quick_evaluate,
@@ -119,19 +118,6 @@ def test_extract_rejects_non_dense_model():
 
     with pytest.raises(ValueError):
         extract_dense_features(Pooled(), TinyScenes(2, 0), image_size=SIZE, progress=False)
-
-
-def test_knn_search_chunked_equals_bruteforce():
-    g = torch.Generator().manual_seed(0)
-    q = F.normalize(torch.randn(37, 24, generator=g), dim=1)
-    m = F.normalize(torch.randn(101, 24, generator=g), dim=1)
-    ref_s, ref_i = (q @ m.T).topk(5, dim=1)
-    for qc, mc in [(7, 13), (37, 101), (5, 17), (100, 4)]:
-        s, i = knn_search(q, m, 5, query_chunk=qc, memory_chunk=mc)
-        torch.testing.assert_close(s, ref_s)
-        assert torch.equal(i, ref_i)
-    s, i = knn_search(q, m[:3], 5)  # k larger than the memory: everything, sorted
-    assert s.shape == (37, 3) and torch.equal(i, (q @ m[:3].T).topk(3, dim=1).indices)
 
 
 def test_patch_histograms_exclude_ignore():

@@ -31,8 +31,8 @@ from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
 from neco.eval.hummingbird.lowshot import resolve_subset, select
 from neco.eval.hummingbird.memory import PER_PATCH, MemoryPlan, build_memory
-from neco.eval.hummingbird.search import make_index, resolve_search, search_blocks
 from neco.eval.primitives.features import HUMMINGBIRD_STD, IMAGENET_MEAN, IMAGENET_STD, resize_image
+from neco.eval.primitives.knn import make_index, resolve_search, search_blocks
 from neco.eval.primitives.metrics import confusion_matrix, hungarian_match, iou_from_confusion, remap_confusion
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
         raise ConfigError(f"eval.hummingbird.image_size={size} is not a multiple of the patch size {p}")
     grid = size // p
     std = HUMMINGBIRD_STD if opts.blue_std_typo else IMAGENET_STD
-    search = resolve_search(opts.search, ctx.device)
+    search = resolve_search(opts.search, ctx.device, "eval.hummingbird.search")
     train, val = ctx.dataset(opts.train_split), ctx.dataset(opts.val_split)
     num_classes, ignore = val.num_classes, val.ignore_index
     val_feats, val_masks = ctx.features(opts.val_split, size, None, mean=IMAGENET_MEAN, std=std,

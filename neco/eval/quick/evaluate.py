@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from neco.eval.primitives.clustering import faiss_threads, kmeans_plus_plus
-from neco.eval.primitives.knn import knn_search, nn_retrieval_miou, patch_label_histograms
+from neco.eval.primitives.knn import nn_retrieval_miou, patch_label_histograms
 from neco.eval.primitives.labels import CENTRE, resize_label_map
 from neco.eval.primitives.metrics import (
     confusion_matrix,
@@ -38,7 +38,6 @@ __all__ = [
     "IMAGENET_STD",
     "load_eval_batch",
     "extract_dense_features",
-    "knn_search",
     "patch_label_histograms",
     "nn_retrieval_miou",
     "kmeans_plus_plus",
