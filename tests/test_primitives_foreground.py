@@ -1,8 +1,8 @@
 """The one attention-foreground implementation (neco.loss.masks) and the parameters each of its users passes.
 
-Hand-made maps show what each named parameter changes; the saved outputs pin, bit for bit, what the three users
-computed with their own copies of this code before it was shared: the fg/bg loss masks (METHOD.md §3.8), the
-unsupervised noisy foreground (§6.5.2) and the attention monitor (§6.6).
+Hand-made maps show what each named parameter changes; saved outputs pin, bit for bit, what each user computes
+with the parameters it passes: the fg/bg loss masks (METHOD.md §3.8), the unsupervised noisy foreground (§6.5.2)
+and the attention monitor (§6.6). A change that moves any user's numbers fails here.
 """
 
 from pathlib import Path
@@ -130,8 +130,8 @@ def test_min_size_through_the_pipeline():
 
 # ------------------------------------------------------------------------------------------------ the users
 
-# Outputs of the three users' own copies before they shared this module, on the maps of _maps(): the masks as
-# np.packbits hex (3 x 14 x 14 cells), the monitor's Jaccards as float.hex.
+# Each user's outputs on the maps of _maps(), saved from the code the published numbers were computed with:
+# the masks as np.packbits hex (3 x 14 x 14 cells), the monitor's Jaccards as float.hex.
 SAVED = {
     "training": ("23306cc07f39dc763608b82b31a007e007f1e77f49d867f192f50fdb7f6dbd0d2205dc023c"
                  "f3e119a1c49f03ec0e2b38633ca367bc13330c739dea73ff9cf961e00c8000004007187ef0"),

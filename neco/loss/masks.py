@@ -7,13 +7,12 @@ The same pipeline serves three users, each with the parameters of its METHOD.md 
 - the noisy foreground of unsupervised segmentation, METHOD.md §6.5.2 (``neco.eval.unsupervised.protocol``):
   65 % of the mass, blur and component size from ``eval.unsup_seg`` (``attention_keep``, ``blur_sigma``,
   ``blur_kernel``, ``min_component``);
-- the attention-map monitor, METHOD.md §6.6 (``neco.eval.monitors``): 60 % of the mass (``eval`` threshold) for
+- the attention-map monitor, METHOD.md §6.6 (``neco.eval.monitors``): 60 % of the mass (``eval.attn_threshold``) for
   the merged map; each head alone through ``keep_mass`` only (no blur, no clean-up).
 
-Every user keeps the 7x7, sigma 0.6 Gaussian and removes 8-connected components of at most 2 cells; the
-cumulative-mass rule is the same for all (see ``keep_mass``). The reference's twins of this code agree on
-those; what differs between users is a parameter here: the mass fraction, the blur padding, the blur size and
-the smallest component kept.
+Every user keeps the reference's 7x7, sigma 0.6 Gaussian, its cumulative-mass rule (``keep_mass``) and removes
+8-connected components of at most 2 cells; what may differ between users is a parameter here: the mass
+fraction, the blur padding, the blur size and the smallest component kept.
 
 Why here: the training objective must not import the evaluation package (the evaluation depends on the training
 code, never the reverse: tests/test_import_graph.py), so the maths lives at the lower layer and
