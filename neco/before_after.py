@@ -35,7 +35,8 @@ class BeforeAfterEvaluator:
         held_out = SyntheticTrain(build_multicrop(cfg.data), split="val",
                                   num_images=HELDOUT_BATCHES * cfg.data.batch_size, image_size=size, seed=seed)
         self.heldout = HeldOutLoss(held_out, cfg.data.batch_size, cfg.data.num_global,
-                                   use_teacher=cfg.loss.use_teacher, seed=cfg.seed, masked=cfg.loss.mask != "all")
+                                   use_teacher=cfg.loss.use_teacher, seed=cfg.seed, masked=cfg.loss.mask != "all",
+                                   blur_padding=cfg.loss.mask_blur_padding)
         self.before_path = self.run_dir / "figures" / "similarity_before.pt"
 
     def __call__(self, backbone, tag: str) -> dict:

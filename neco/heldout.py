@@ -15,19 +15,21 @@ import copy
 import torch
 from torch.utils.data import DataLoader
 
-from neco.loss.masks import attention_foreground
+from neco.loss.masks import TRAINING_MASS_FRACTION, attention_foreground
 
 
 class HeldOutLoss:
     """Mean NeCo loss of ``(student, teacher)`` over ``num_images`` held-out images, in batches of ``batch_size``.
 
-    ``dataset`` yields ``(crops, boxes)`` as the training dataset does (the multi-crop transform applied).
+    ``dataset`` yields ``(crops, boxes)`` as the training dataset does (the multi-crop transform applied);
+    ``masked`` and ``blur_padding`` are the training's ``loss.mask != all`` and ``loss.mask_blur_padding``.
     """
 
     def __init__(self, dataset, batch_size: int, num_global: int, use_teacher: bool = True, seed: int = 0,
-                 masked: bool = False):
+                 masked: bool = False, blur_padding: str = "reflect"):
         self.dataset, self.batch_size, self.num_global = dataset, batch_size, num_global
         self.use_teacher, self.seed, self.masked = use_teacher, seed, masked
+        self.blur_padding = blur_padding
 
     def _batches(self):
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, drop_last=True, num_workers=0)
@@ -56,7 +58,8 @@ class HeldOutLoss:
                     teacher_maps, fg = out, None
                     if self.masked and self.use_teacher:
                         teacher_maps, attention = out
-                        fg = attention_foreground(torch.cat(attention)).view(
+                        fg = attention_foreground(torch.cat(attention), TRAINING_MASS_FRACTION,
+                                                  blur_padding=self.blur_padding).float().view(
                             self.num_global, crops[0].shape[0], 1, *attention[0].shape[-2:])
                     total += float(objective(student_maps, teacher_maps, boxes, fg))
                     count += 1

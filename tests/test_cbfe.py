@@ -10,13 +10,7 @@ from skimage.measure import label as sk_label
 from torchvision.transforms import GaussianBlur
 
 from neco.errors import ConfigError
-from neco.eval.primitives.foreground import (
-    attention_foreground,
-    attention_maps,
-    keep_mass,
-    load_attention_masks,
-    remove_small_components,
-)
+from neco.eval.primitives.foreground import attention_maps, load_attention_masks
 from neco.eval.primitives.labels import resize_label_map
 from neco.eval.unsupervised.cbfe import (
     cluster_precisions,
@@ -24,6 +18,7 @@ from neco.eval.unsupervised.cbfe import (
     foreground_jaccard,
     select_threshold,
 )
+from neco.loss.masks import attention_foreground, drop_small_components, keep_mass
 
 
 def test_keep_mass_keeps_the_smallest_top_set_holding_65_percent():
@@ -44,7 +39,7 @@ def test_small_components_removed_with_8_connectivity():
     m[0, 5:7, 5] = True
     m[0, 6, 6] = True  # an L of 3 cells: kept
     m[0, 2, 4] = m[0, 3, 5] = m[0, 4, 6] = True  # a diagonal chain of 3: one 8-connected component, kept
-    out = remove_small_components(m, min_size=3)
+    out = drop_small_components(m, min_size=3)
     expected = torch.zeros_like(m)
     expected[0, 5:7, 5] = expected[0, 6, 6] = True
     expected[0, 2, 4] = expected[0, 3, 5] = expected[0, 4, 6] = True
@@ -71,7 +66,9 @@ def _reference_process(attn: torch.Tensor) -> torch.Tensor:
 def test_attention_foreground_matches_the_reference_pipeline():
     g = torch.Generator().manual_seed(0)
     attn = torch.rand(5, 3, 12, 12, generator=g) ** 4  # peaky maps, several heads
-    assert torch.equal(attention_foreground(attn), _reference_process(attn))
+    # The parameters of METHOD.md §6.5.2 as conf/eval/unsup_seg.yaml sets them.
+    fg = attention_foreground(attn, 0.65, kernel_size=7, sigma=0.6, min_size=3)
+    assert torch.equal(fg, _reference_process(attn))
 
 
 def test_attention_needs_the_model_hook_or_precomputed_masks():

@@ -14,9 +14,8 @@ import torch
 from timm.models.vision_transformer import Block
 
 from neco.errors import ConfigError
-from neco.eval.primitives.foreground import blur_maps
 from neco.loss import NeCoLoss
-from neco.loss.masks import attention_foreground, foreground_cells, gaussian_blur
+from neco.loss.masks import TRAINING_MASS_FRACTION, attention_foreground, foreground_cells, gaussian_blur
 from neco.loss.neco import align
 from neco.models.backbone import BACKBONES, BackboneSpec, create_vit
 from neco.models.stochastic_depth import SubsetDropBlock, block_drop_rates
@@ -57,8 +56,8 @@ def test_blur_pads_by_reflection_by_default_and_zeros_on_request():
     differs = (reflect - zeros).abs()[:, 0] > 1e-12
     assert differs[:, :3].any() and differs[:, -3:].any()
     assert not differs[:, 3:-3, 3:-3].any()
-    # The evaluation's attention masks use the same blur.
-    torch.testing.assert_close(blur_maps(maps[:, 0].float()), gaussian_blur(maps.float())[:, 0])
+    # Each (H, W) map is blurred alone, whatever the leading dimensions.
+    assert torch.equal(gaussian_blur(maps[:, 0]), reflect[:, 0])
     with pytest.raises(ConfigError, match="loss.mask_blur_padding"):
         gaussian_blur(maps, padding="circular")
 
@@ -68,7 +67,7 @@ def test_foreground_mask_uses_the_reflect_blur_and_the_option_changes_border_cel
     attn = torch.rand(4, 3, 10, 10, generator=g) * 0.2
     attn[:, :, 0, :4] += 1.0  # mass along the top border, where the two paddings disagree
     attn[:, :, 5:8, 5:8] += 0.6
-    fg = attention_foreground(attn)
+    fg = attention_foreground(attn, TRAINING_MASS_FRACTION)
     # Re-derived: blur the head mean, keep the most attended cells holding 60 % of the mass, drop components
     # of <= 2 cells (none here: each kept region is larger).
     blurred = _blur_rederived(attn.double().mean(dim=1).numpy(), "reflect")
@@ -76,8 +75,8 @@ def test_foreground_mask_uses_the_reflect_blur_and_the_option_changes_border_cel
         flat = np.sort(blurred[n].ravel())
         cum = np.cumsum(flat / flat.sum())
         threshold = flat[np.argmax(cum > 0.4)]
-        np.testing.assert_array_equal(fg[n, 0].numpy() > 0.5, blurred[n] >= threshold)
-    fg_zeros = attention_foreground(attn, blur_padding="zeros")
+        np.testing.assert_array_equal(fg[n].numpy(), blurred[n] >= threshold)
+    fg_zeros = attention_foreground(attn, TRAINING_MASS_FRACTION, blur_padding="zeros")
     assert (fg != fg_zeros).any()
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from omegaconf import OmegaConf
 
 from neco.errors import ConfigError
@@ -32,7 +31,7 @@ from neco.eval.primitives.clustering import (
     standardise_and_project,
 )
 from neco.eval.primitives.features import FeatureExtractor, normalize, resize_image, resize_mask
-from neco.loss.masks import drop_small_components, gaussian_blur, keep_mass
+from neco.loss.masks import attention_foreground, keep_mass
 
 log = logging.getLogger("neco")
 
@@ -150,13 +149,6 @@ def _segmentation_figure(dataset, n, image_size, masks, preds, path, num_classes
 
 # --------------------------------------------------------------------------------------- attention monitor
 
-def _blur(maps: torch.Tensor) -> torch.Tensor:
-    """7x7 Gaussian blur, sigma 0.6, with reflect padding as torchvision's GaussianBlur in the reference."""
-    if min(maps.shape[-2:]) > 3:
-        return TF.gaussian_blur(maps, [7, 7], [0.6, 0.6])
-    return gaussian_blur(maps)  # reflect padding needs 4+ cells; tiny test grids fall back to zero padding
-
-
 def _jaccard(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Per-map IoU of boolean maps over the valid pixels (last two dims); an empty union scores 0."""
     inter = (pred & target & valid).sum(dim=(-2, -1)).double()
@@ -184,9 +176,8 @@ def attention_jaccards(
     size = masks.shape[-2:]
     masks = masks.long()
     attention = attention.float()
-    merged = _blur(attention.mean(dim=1, keepdim=True))
-    merged = drop_small_components(keep_mass(merged, threshold), max_size=2)
-    merged = F.interpolate(merged.float(), size=size, mode="nearest")[:, 0].bool()
+    merged = attention_foreground(attention, threshold)[:, None].float()  # METHOD.md §6.6: reflect blur
+    merged = F.interpolate(merged, size=size, mode="nearest")[:, 0].bool()
     per_head = keep_mass(attention.reshape(b * heads, 1, h, w), threshold).float()
     per_head = F.interpolate(per_head, size=size, mode="nearest").view(b, heads, *size).bool()
     if boundary_as_foreground or ignore_index is None:

@@ -1,9 +1,11 @@
-"""Noisy foreground masks from the last block's CLS attention (METHOD.md §6.5.2), the input of CBFE.
+"""Attention for the noisy foreground masks of unsupervised segmentation (METHOD.md §6.5.2): what only the
+evaluation needs.
 
-Per image: the CLS->patch attention of the last block is averaged over heads, blurred (Gaussian, sigma 0.6,
-7x7 kernel, reflect padding, as torchvision's ``GaussianBlur``), then the most attended cells holding 65 % of
-the attention mass are kept and 8-connected components of at most 2 cells are dropped. The masks stay at
-token resolution; CBFE upsamples them.
+``attention_maps`` runs a model over a dataset for the head-averaged last-block CLS attention; the masks
+themselves come from ``neco.loss.masks.attention_foreground`` (blur, 65 % of the mass, components of at most 2
+cells dropped), the one implementation the training masks (§3.8) and the attention monitor (§6.6) use too. It
+lives there because the training objective must not import the evaluation package. The masks stay at token
+resolution; CBFE upsamples them.
 
 The reference ships such masks precomputed for its models (its xFormers attention cannot return the
 attention matrix), so masks can also be read from a file: either a ``.pt`` / ``.npz`` holding one array per
@@ -18,72 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from neco.errors import ConfigError
 from neco.eval.primitives.features import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
-from neco.loss.masks import gaussian_blur
 
-__all__ = [
-    "blur_maps",
-    "keep_mass",
-    "remove_small_components",
-    "attention_foreground",
-    "attention_maps",
-    "load_attention_masks",
-]
-
-
-def blur_maps(maps: torch.Tensor, kernel_size: int = 7, sigma: float = 0.6) -> torch.Tensor:
-    """Gaussian blur of ``(N, h, w)`` maps, exactly torchvision's ``GaussianBlur(kernel_size, sigma)``."""
-    return gaussian_blur(maps[:, None].float(), kernel_size, sigma, padding="reflect")[:, 0]
-
-
-def keep_mass(maps: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Boolean ``(N, h, w)``: the highest cells of each map that together hold ``fraction`` of its mass.
-
-    As the reference: cells sorted ascending, mass normalised, a cell is kept when the cumulative mass up to
-    and including it exceeds ``1 - fraction`` (so the kept cells hold at least ``fraction`` of the mass).
-    """
-    n, h, w = maps.shape
-    # float32 as the reference: the comparison with 1 - fraction then rounds the same way.
-    val, idx = torch.sort(maps.reshape(n, h * w).float(), dim=-1)
-    val = val / val.sum(dim=-1, keepdim=True)
-    keep_sorted = val.cumsum(dim=-1) > (1 - fraction)
-    keep = torch.empty_like(keep_sorted).scatter_(-1, idx, keep_sorted)
-    return keep.reshape(n, h, w)
-
-
-def remove_small_components(masks: torch.Tensor, min_size: int = 3) -> torch.Tensor:
-    """Drop 8-connected components of fewer than ``min_size`` cells from boolean ``(N, h, w)`` masks.
-
-    The reference labels each ``(1, h, w)`` map with scikit-image's default full connectivity, which within
-    one plane is 8-connectivity.
-    """
-    out = masks.clone().numpy()
-    structure = np.ones((3, 3), dtype=bool)
-    for m in out:
-        labelled, count = ndimage.label(m, structure=structure)
-        if count:
-            sizes = np.bincount(labelled.ravel(), minlength=count + 1)
-            small = sizes < min_size
-            small[0] = False
-            m[small[labelled]] = False
-    return torch.from_numpy(out)
-
-
-def attention_foreground(
-    attention: torch.Tensor,
-    keep: float = 0.65,
-    sigma: float = 0.6,
-    kernel_size: int = 7,
-    min_component: int = 3,
-) -> torch.Tensor:
-    """``(N, heads, h, w)`` (or already head-averaged ``(N, h, w)``) attention -> boolean ``(N, h, w)``."""
-    maps = attention.float().mean(dim=1) if attention.ndim == 4 else attention.float()
-    return remove_small_components(keep_mass(blur_maps(maps, kernel_size, sigma), keep), min_component)
+__all__ = ["attention_maps", "load_attention_masks"]
 
 
 class _Images(Dataset):

@@ -1,7 +1,7 @@
 """Fully unsupervised semantic segmentation: CBFE + community detection (METHOD.md §6.5, `fully_unsup_seg.py`).
 
 1. Final-norm patch tokens of VOC train (1,464 images) and val at 448 px, standardised and PCA'd to 50 dims
-   jointly; noisy foreground masks from the last block's CLS attention (:mod:`neco.eval.primitives.foreground`).
+   jointly; noisy foreground masks from the last block's CLS attention (:mod:`neco.loss.masks`).
 2. Spherical k-means (k_fg = 200) of all train+val tokens, then cluster-based foreground extraction at
    100x100 (:mod:`neco.eval.unsupervised.cbfe`).
 3. Euclidean k-means of the foreground pixels into ``k_community`` clusters (background: id ``k_community``);
@@ -26,7 +26,7 @@ from neco.choices import CooccurrenceAngles
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
 from neco.eval.primitives.features import resize_image
-from neco.eval.primitives.foreground import attention_foreground, attention_maps, load_attention_masks
+from neco.eval.primitives.foreground import attention_maps, load_attention_masks
 from neco.eval.primitives.labels import resize_label_map
 from neco.eval.primitives.metrics import confusion_matrix, iou_from_confusion, many_to_one_match, remap_confusion
 from neco.eval.unsupervised.cbfe import extract_foreground
@@ -42,6 +42,7 @@ from neco.eval.unsupervised.community import (
     score_merged,
     tune,
 )
+from neco.loss.masks import attention_foreground
 
 SUPPORTED_DATASETS = ("voc", "synthetic")
 
@@ -128,8 +129,8 @@ def _noisy_foreground(ctx: EvalContext, opts: UnsupSegOptions, datasets: dict) -
     for role, ds in datasets.items():
         maps = attention_maps(ctx.model, ds, opts.image_size, batch_size=ctx.batch_size, num_workers=ctx.num_workers,
                               device=ctx.device, amp_dtype=ctx.amp_dtype, progress=ctx.progress)
-        masks[role] = attention_foreground(maps, opts.attention_keep, opts.blur_sigma, opts.blur_kernel,
-                                           opts.min_component)
+        masks[role] = attention_foreground(maps[:, None], opts.attention_keep, kernel_size=opts.blur_kernel,
+                                           sigma=opts.blur_sigma, min_size=opts.min_component)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     path = ctx.out_dir / "attention_masks.pt"  # reusable through the attention_masks option
     torch.save({role: m.to(torch.uint8) for role, m in masks.items()}, path)
