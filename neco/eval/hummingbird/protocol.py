@@ -1,8 +1,8 @@
 """Hummingbird dense nearest-neighbour retrieval (in-context segmentation), METHOD.md §6.3, as open-hummingbird-eval.
 
-Memory: augmented training crops (``hbird_augment``), their L2-normalised patch features and per-patch label
-counts, all patches or a rarity-sampled quota per image (``hbird_memory``). Queries: the validation patch
-features. Each query takes its 30 nearest memory patches by inner product (``hbird_search``), softmaxes their
+Memory: augmented training crops (``hummingbird.augment``), their L2-normalised patch features and per-patch label
+counts, all patches or a rarity-sampled quota per image (``hummingbird.memory``). Queries: the validation patch
+features. Each query takes its 30 nearest memory patches by inner product (``primitives.knn``), softmaxes their
 similarities / 0.02 and averages their label histograms; the ``(S, S, C)`` scores are upsampled bilinearly to the
 input size and the argmax is scored against the ground truth at that size, over the whole validation split,
 after Hungarian matching (the reference's). Low-shot fractions rebuild the memory from fixed subsets, one per
@@ -10,7 +10,7 @@ seed (``lowshot``).
 
 Queries are normalised per patch: the evaluator searches with the raw query (the ranking of one query does not
 depend on its norm) and normalises query and retrieved keys per patch before the softmax, in every release.
-With ``memory_norm=per_image_axis_v1`` (the releases up to 1.1.0, see ``hbird_memory``) the neighbours are
+With ``memory_norm=per_image_axis_v1`` (the releases up to 1.1.0, see ``hummingbird.memory``) the neighbours are
 ranked by the inner product with the stored rows and weighted by the cosine with them, as those releases did.
 The validation masks are resized to the input size with ``label_resize`` (the evaluator: torch's nearest on
 the mask tensor).
@@ -64,7 +64,7 @@ class HummingbirdOptions:
     train_fraction: float = 1.0
     subset_seeds: list[int] = field(default_factory=lambda: list(PUBLISHED_SUBSET_SEEDS))
     subset_dir: str | None = None  # folder of subset lists (see neco/eval/hummingbird/lowshot.py); null = generate them
-    crop_scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # area scale (sic, see hbird_augment)
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # area scale (sic, see hummingbird.augment)
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     jitter: float = 0.1  # brightness, contrast, saturation and hue ranges
     jitter_p: float = 0.5  # probability of each of the four jitter ops

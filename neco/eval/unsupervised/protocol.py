@@ -56,7 +56,7 @@ class UnsupSegOptions:
     eval_size: int = 100
     pca_dim: int = 50
     # Noisy foreground from the CLS attention (METHOD.md §6.5.2); a path reads precomputed masks instead
-    # (see attention_fg).
+    # (see neco.eval.primitives.foreground.load_attention_masks).
     attention_masks: str | None = None
     attention_keep: float = 0.65
     blur_sigma: float = 0.6
