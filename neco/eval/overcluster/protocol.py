@@ -23,15 +23,10 @@ from tqdm.auto import tqdm
 from neco.choices import LabelResize, MiouClasses
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
-from neco.eval.primitives.clustering import (
-    cluster_confusion,
-    faiss_threads,
-    kmeans_assign,
-    resolve_ks,
-    score_clusters,
-    standardise_and_project,
-)
+from neco.eval.primitives.cluster_scoring import cluster_confusion, resolve_ks, score_clusters
+from neco.eval.primitives.kmeans import faiss_threads, kmeans_assign
 from neco.eval.primitives.labels import tokens_to_mask
+from neco.eval.primitives.pca import standardise_and_project
 
 # Datasets whose reference loader drops the last incomplete batch (METHOD.md §10.13): the VOC data module is built
 # with drop_last=True in eval_overcluster.py; the COCO and ADE20K validation loaders keep every image.
@@ -113,8 +108,10 @@ def cluster_split(
     n, h, w, d = feats.shape
     exclude = ignore_index if opts.miou_classes == "exclude_ignore" else None
     with faiss_threads(opts.faiss_threads):
-        x = standardise_and_project(_token_chunks(feats), n * h * w, d, opts.pca_dim, opts.std_eps,
-                                    opts.pca_max_points)
+        # std_eps 0: sklearn's StandardScaler as the reference. PCA rows: numpy's draw (neco.eval.primitives.pca).
+        rule = dict(constant_dims="rounding") if opts.std_eps == 0 else dict(constant_dims="eps", eps=opts.std_eps)
+        x = standardise_and_project(_token_chunks(feats), n * h * w, d, opts.pca_dim, **rule, precision="float32",
+                                    pca_max_points=opts.pca_max_points, pca_sample="numpy")
         out = {}
         ks = list(dict.fromkeys(resolve_ks(opts.ks, num_classes)))  # "classes" may repeat an int
         runs = [(k, s) for k in ks for s in opts.seeds]
