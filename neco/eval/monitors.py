@@ -32,6 +32,8 @@ from neco.loss.masks import drop_small_components, gaussian_blur, keep_mass
 log = logging.getLogger("neco")
 
 MONITORS = ("kmeans_monitor", "attn_monitor")
+# (x - mean) / (std + 1e-5) as the reference monitor (METHOD.md §6.1); the rest as neco.eval.primitives.pca notes.
+MONITOR_PCA = dict(constant_dims="eps", eps=1e-5, precision="float32", pca_sample="numpy")
 
 
 # ------------------------------------------------------------------------------------------ k-means monitor
@@ -76,8 +78,7 @@ def kmeans_monitor_metrics(
     n, m = feats.shape[0], masks.shape[-1]
     names = list(class_names or [str(c) for c in range(num_classes)])
     x = standardise_and_project(_upsampled_chunks(feats, m, device), n * m * m, feats.shape[-1], pca_dim,
-                                constant_dims="eps", eps=1e-5, precision="float32", pca_max_points=pca_max_points,
-                                pca_sample="numpy")
+                                pca_max_points=pca_max_points, **MONITOR_PCA)
     metrics, preds = {}, {}
     for k in dict.fromkeys(resolve_ks(ks, num_classes)):
         assign, _ = kmeans_assign(x, k, niter=niter, nredo=nredo, seed=seed)

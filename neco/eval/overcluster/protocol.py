@@ -81,6 +81,13 @@ def _check(opts: OverclusterOptions) -> None:
         raise ConfigError("eval.overcluster: batch_size, mask_size, kmeans_iters and kmeans_restarts must be >= 1")
 
 
+def pca_parameters(std_eps: float) -> dict:
+    """Standardisation of the tokens (neco.eval.primitives.pca): std_eps 0 is sklearn's StandardScaler, as the
+    reference script (METHOD.md §6.2); PCA rows are numpy's draw, what these numbers have been computed with."""
+    rule = dict(constant_dims="rounding") if std_eps == 0 else dict(constant_dims="eps", eps=std_eps)
+    return rule | dict(precision="float32", pca_sample="numpy")
+
+
 def _token_chunks(feats: torch.Tensor, rows: int = 100_000):
     """Chunk source over the ``(N*h*w, D)`` token rows of cached float16 features, as float32 arrays."""
     flat = feats.reshape(-1, feats.shape[-1])
@@ -108,10 +115,8 @@ def cluster_split(
     n, h, w, d = feats.shape
     exclude = ignore_index if opts.miou_classes == "exclude_ignore" else None
     with faiss_threads(opts.faiss_threads):
-        # std_eps 0: sklearn's StandardScaler as the reference. PCA rows: numpy's draw (neco.eval.primitives.pca).
-        rule = dict(constant_dims="rounding") if opts.std_eps == 0 else dict(constant_dims="eps", eps=opts.std_eps)
-        x = standardise_and_project(_token_chunks(feats), n * h * w, d, opts.pca_dim, **rule, precision="float32",
-                                    pca_max_points=opts.pca_max_points, pca_sample="numpy")
+        x = standardise_and_project(_token_chunks(feats), n * h * w, d, opts.pca_dim,
+                                    pca_max_points=opts.pca_max_points, **pca_parameters(opts.std_eps))
         out = {}
         ks = list(dict.fromkeys(resolve_ks(opts.ks, num_classes)))  # "classes" may repeat an int
         runs = [(k, s) for k in ks for s in opts.seeds]

@@ -33,6 +33,9 @@ from neco.eval.primitives.metrics import (
 )
 from neco.eval.primitives.pca import standardise_and_project
 
+# (x - mean) / (std + 1e-5) in float64, PCA fitted on the rows faiss samples itself (neco.eval.primitives.pca).
+QUICK_PCA = dict(constant_dims="eps", eps=1e-5, precision="float64", pca_sample="faiss")
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -147,9 +150,7 @@ def kmeans_miou(
     if rows.shape[0] < k:
         raise TooFewPoints(f"k-means with k={k} needs at least k patches, got {rows.shape[0]}")
     with faiss_threads(threads):
-        # (x - mean) / (std + 1e-5) in float64, PCA on the rows faiss samples itself (neco.eval.primitives.pca).
-        x = standardise_and_project(lambda: [rows], rows.shape[0], d, pca_dim, constant_dims="eps", eps=1e-5,
-                                    precision="float64", pca_sample="faiss")
+        x = standardise_and_project(lambda: [rows], rows.shape[0], d, pca_dim, **QUICK_PCA)
     size = tuple(val_masks.shape[-2:])
     mious, accs, per_class, preds = [], [], [], None
     for seed in seeds:

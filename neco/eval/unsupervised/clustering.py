@@ -20,14 +20,17 @@ from neco.eval.primitives.kmeans import TooFewPoints, assign, train_kmeans
 from neco.eval.primitives.labels import nearest_source_indices
 from neco.eval.primitives.pca import standardise_and_project
 
-__all__ = ["project_tokens", "fit_kmeans", "ForegroundClustering"]
+__all__ = ["UNSUP_PCA", "project_tokens", "fit_kmeans", "ForegroundClustering"]
+
+# METHOD.md §6.5.2; pca_dim equal to the feature dimension still fits the PCA (a rotation), as this protocol always has.
+UNSUP_PCA = dict(constant_dims="threshold", precision="float64", pca_sample="faiss", full_rank_pca=True)
 
 
 def project_tokens(parts: Sequence[torch.Tensor], dim: int, chunk: int = 262_144) -> torch.Tensor:
     """Standardise the ``(N_i, h, w, D)`` feature tensors jointly, then PCA: ``float32 (sum N_i, h, w, dim)``.
 
-    Statistics are exact float64 sums over chunks (the reference fits its scaler incrementally on chunks of
-    100k; the result is the same up to rounding).
+    Statistics are float64 sums over chunks (the reference fits its scaler incrementally on chunks of 100k; the
+    result is the same up to rounding).
     """
     n_img = sum(p.shape[0] for p in parts)
     h, w, d = parts[0].shape[1:]
@@ -41,8 +44,7 @@ def project_tokens(parts: Sequence[torch.Tensor], dim: int, chunk: int = 262_144
                 yield f[s:s + chunk].numpy()
 
     rows = sum(f.shape[0] for f in flats)
-    out = standardise_and_project(chunks, rows, d, dim, constant_dims="threshold", precision="float64",
-                                  pca_sample="faiss", full_rank_pca=True)
+    out = standardise_and_project(chunks, rows, d, dim, **UNSUP_PCA)
     return torch.from_numpy(out).reshape(n_img, h, w, dim)
 
 
