@@ -15,7 +15,7 @@ from neco.eval.primitives.pca import Standardizer, pca_training_rows, standardis
 from neco.eval.quick.evaluate import QUICK_PCA
 from neco.eval.unsupervised.clustering import UNSUP_PCA, project_tokens
 
-PRE_MERGE = Path(__file__).parent / "data" / "pca_pre_merge.npz"
+PRE_MERGE = Path(__file__).parent / "data" / "pca_pre_merge.npz"  # outputs of the implementations pca.py replaced
 ROWS_KEPT = np.arange(0, 4500, 9)  # the rows of the saved outputs (the whole table is 4,500 x 4)
 DELTA = 2.0**-46  # 1 +- DELTA is exact in float64: std 1.4e-14, between the two constant-dimension tests
 
@@ -120,7 +120,20 @@ def test_full_rank_pca_rotates_instead_of_skipping():
     np.testing.assert_allclose(np.linalg.norm(rotated, axis=1), np.linalg.norm(plain, axis=1), rtol=1e-4, atol=1e-4)
 
 
-# ------------------------------------------------------------------------------- callers against pre-merge outputs
+def test_apply_rows_projects_consecutive_blocks_across_chunk_boundaries():
+    x = feature_table()[:, :3]
+    params = dict(constant_dims="threshold", precision="float64")
+    got = standardise_and_project(_chunks(x, 700), len(x), 3, 2, **params, apply_rows=1000)
+    z = Standardizer(**params).fit(_chunks(x, 700)).transform(x)
+    pca = faiss.PCAMatrix(3, 2)
+    pca.train(z)
+    want = np.concatenate([pca.apply(np.ascontiguousarray(z[s : s + 1000])) for s in range(0, len(z), 1000)])
+    assert np.array_equal(got, want)
+    per_chunk = standardise_and_project(_chunks(x, 700), len(x), 3, 2, **params)
+    np.testing.assert_allclose(per_chunk, got, rtol=0, atol=1e-5)  # the same projection, up to rounding
+
+
+# ------------------------------------------------------------------ callers against their earlier implementations
 
 def _caller_output(caller: str, params: dict | None = None) -> np.ndarray:
     x = feature_table()
@@ -143,7 +156,7 @@ def _close_up_to_sign(got: np.ndarray, saved: np.ndarray) -> bool:
 
 @pytest.mark.parametrize("caller", ["overcluster", "monitor", "quick", "unsup"])
 def test_each_caller_reproduces_its_pre_merge_output(caller):
-    # Saved from the code each caller ran before the merge (primitives/clustering.py standardise_and_project with
+    # Saved from each caller's own earlier implementation (primitives/clustering.py standardise_and_project with
     # std_eps 0 and 1e-5, quick/evaluate.py _standardise_and_project, unsupervised/clustering.py standardise_pca).
     saved = np.load(PRE_MERGE)[caller]
     got = _caller_output(caller)[ROWS_KEPT]

@@ -213,6 +213,7 @@ def standardise_and_project(
     pca_max_points: int | None = None,
     pca_sample: str = "faiss",
     full_rank_pca: bool = False,
+    apply_rows: int | None = None,
 ) -> np.ndarray:
     """Standardise every dimension, then project on the top ``pca_dim`` principal components (faiss's
     ``PCAMatrix``, eigen_power 0: centring and projection, no whitening).
@@ -220,6 +221,11 @@ def standardise_and_project(
     Returns float32 ``(n_rows, pca_dim)``; ``(n_rows, dim)`` standardised rows when ``pca_dim`` is None or not
     below ``dim`` (with ``full_rank_pca``, ``pca_dim == dim`` still fits the PCA: a rotation, as the
     unsupervised protocol has always done). Parameters: module notes.
+
+    ``apply_rows``: the projection runs on consecutive blocks of this many rows (None: one block per chunk).
+    The BLAS product rounds a row differently depending on the block it is in (measured on 716,800 rows: 22 %
+    of them differ, by up to 1.4e-6, between 262,144-row blocks and per-chunk blocks), so a caller keeps the
+    blocks its numbers were computed with; one block of ``apply_rows * dim`` floats is staged.
     """
     scaler = Standardizer(constant_dims, eps, precision).fit(chunks)
     if scaler.n != n_rows:
@@ -232,9 +238,25 @@ def standardise_and_project(
         pca.train(train)
         del train
     out = np.empty((n_rows, pca_dim if project else dim), dtype=np.float32)
-    start = 0
+    if pca is None or apply_rows is None:
+        start = 0
+        for c in chunks():
+            x = np.ascontiguousarray(scaler.transform(c))
+            out[start : start + len(c)] = pca.apply(x) if pca is not None else x
+            start += len(c)
+        return out
+    stage = np.empty((min(apply_rows, n_rows), dim), dtype=np.float32)
+    filled = written = 0
     for c in chunks():
-        x = np.ascontiguousarray(scaler.transform(c))
-        out[start : start + len(c)] = pca.apply(x) if pca is not None else x
-        start += len(c)
+        x = scaler.transform(c)
+        at = 0
+        while at < len(x):
+            take = min(len(stage) - filled, len(x) - at)
+            stage[filled : filled + take] = x[at : at + take]
+            filled, at = filled + take, at + take
+            if filled == len(stage):
+                out[written : written + filled] = pca.apply(stage)
+                written, filled = written + filled, 0
+    if filled:
+        out[written : written + filled] = pca.apply(np.ascontiguousarray(stage[:filled]))
     return out

@@ -44,7 +44,7 @@ def project_tokens(parts: Sequence[torch.Tensor], dim: int, chunk: int = 262_144
                 yield f[s:s + chunk].numpy()
 
     rows = sum(f.shape[0] for f in flats)
-    out = standardise_and_project(chunks, rows, d, dim, **UNSUP_PCA)
+    out = standardise_and_project(chunks, rows, d, dim, **UNSUP_PCA, apply_rows=chunk)
     return torch.from_numpy(out).reshape(n_img, h, w, dim)
 
 
