@@ -1,8 +1,8 @@
 """Per-dimension standardisation, then PCA projection, of feature rows: the one implementation every clustering
 evaluation uses.
 
-The protocols differ in four named parameters; each caller passes the values below, which are what its
-reference (or, for the quick check, its own earlier code) computes:
+The protocols differ in named parameters; each caller passes the values below, which reproduce what it has
+always computed (its reference's behaviour except for the ``numpy`` PCA sample, see ``pca_sample``):
 
 ============================  =====================  =========  ===========  ==============
 caller                        ``constant_dims``      ``eps``    precision    ``pca_sample``
@@ -14,6 +14,10 @@ quick k-means (§6.1 reduced)  ``eps``                1e-5       ``float64``  ``
 ============================  =====================  =========  ===========  ==============
 
 .. [#] ``eval.overcluster.std_eps > 0`` selects ``eps`` with that epsilon instead.
+
+Which rows train the PCA: the first ``pca_max_points`` (the monitor: 4M, the others: all), then ``pca_sample``.
+The unsupervised protocol also passes ``full_rank_pca`` and ``apply_rows=262144`` (see
+:func:`standardise_and_project`).
 
 ``constant_dims``, the scale of a dimension from its population std (every caller uses the population std):
 
