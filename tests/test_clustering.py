@@ -4,17 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from neco.eval.primitives.clustering import (
-    Standardizer,
-    cluster_confusion,
-    faiss_threads,
-    kmeans_assign,
-    pca_training_rows,
-    resolve_ks,
-    score_clusters,
-    standardise_and_project,
-)
+from neco.eval.primitives.cluster_scoring import cluster_confusion, resolve_ks, score_clusters
+from neco.eval.primitives.kmeans import faiss_threads, kmeans_assign
 from neco.eval.primitives.labels import LABEL_RESIZE_MODES, resize_label_map, tokens_to_mask
+from neco.eval.primitives.pca import Standardizer, pca_training_rows, standardise_and_project
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +25,7 @@ def test_standardizer_matches_numpy_for_any_chunking():
     x = (rng.normal(size=(1003, 6)) * [1, 10, 0.1, 3, 1e3, 2] + [0, 5, -2, 1e4, 7, 0]).astype(np.float32)
     want = (x.astype(np.float64) - x.mean(0, dtype=np.float64)) / (x.astype(np.float64).std(0) + 1e-5)
     for chunk in (1003, 100, 7, 1):
-        s = Standardizer(1e-5).fit(x, chunk=chunk)
+        s = Standardizer("eps", 1e-5).fit(_chunks(x, chunk))
         np.testing.assert_allclose(s.mean, x.astype(np.float64).mean(0), rtol=1e-12, atol=1e-9)
         np.testing.assert_allclose(s.var, x.astype(np.float64).var(0), rtol=1e-6)
         np.testing.assert_allclose(s.transform(x), want, rtol=1e-5, atol=1e-5)
@@ -41,19 +34,20 @@ def test_standardizer_matches_numpy_for_any_chunking():
 def test_standardizer_eps_by_hand():
     # A dimension alternating 0 and 2e-5: mean 1e-5, population std 1e-5.
     x = np.tile(np.array([[0.0, 1.0], [2e-5, 1.0]]), (50, 1))
-    monitor = Standardizer(1e-5).fit(x).transform(x)  # (x - mean) / (std + 1e-5) = +-1e-5 / 2e-5
+    monitor = Standardizer("eps", 1e-5).fit(lambda: [x]).transform(x)  # (x - mean) / (std + 1e-5) = +-1e-5 / 2e-5
     np.testing.assert_allclose(monitor[:2, 0], [-0.5, 0.5], rtol=1e-4)
     np.testing.assert_allclose(monitor[:, 1], 0.0)
-    sk = Standardizer(0.0).fit(x).transform(x)  # sklearn: (x - mean) / std; the constant column keeps scale 1
+    # sklearn: (x - mean) / std; the constant column keeps scale 1
+    sk = Standardizer("rounding").fit(lambda: [x]).transform(x)
     np.testing.assert_allclose(sk[:2, 0], [-1.0, 1.0], rtol=1e-4)
     np.testing.assert_allclose(sk[:, 1], 0.0)
-    assert Standardizer(0.0).fit(x).scale[1] == 1.0
+    assert Standardizer("rounding").fit(lambda: [x]).scale[1] == 1.0
 
 
 def test_pca_projection_matches_numpy_svd_up_to_sign():
     rng = np.random.default_rng(1)
     x = (rng.normal(size=(600, 12)) @ rng.normal(size=(12, 12)) * np.linspace(5, 0.1, 12)).astype(np.float32)
-    got = standardise_and_project(_chunks(x, 128), len(x), 12, pca_dim=4, std_eps=1e-5)
+    got = standardise_and_project(_chunks(x, 128), len(x), 12, pca_dim=4, eps=1e-5)
     z = (x.astype(np.float64) - x.mean(0)) / (x.std(0) + 1e-5)
     zc = z - z.mean(0)
     _, _, vt = np.linalg.svd(zc, full_matrices=False)
@@ -64,15 +58,16 @@ def test_pca_projection_matches_numpy_svd_up_to_sign():
 
 def test_pca_is_skipped_when_not_reducing():
     x = np.random.default_rng(2).normal(size=(50, 3)).astype(np.float32)
-    got = standardise_and_project(_chunks(x, 16), 50, 3, pca_dim=50, std_eps=1e-5)
+    got = standardise_and_project(_chunks(x, 16), 50, 3, pca_dim=50, eps=1e-5)
     np.testing.assert_allclose(got, (x - x.mean(0)) / (x.std(0) + 1e-5), rtol=1e-5, atol=1e-5)
 
 
-def test_pca_training_rows_slice_then_faiss_sample_size():
-    assert np.array_equal(pca_training_rows(500, 4, max_points=None), np.arange(500))
-    assert np.array_equal(pca_training_rows(500, 4, max_points=120), np.arange(120))
-    rows = pca_training_rows(10_000, 4, max_points=9_000)  # faiss keeps 1000 * D = 4000 of the first 9000
-    assert len(rows) == 4000 and rows.max() < 9000 and np.all(np.diff(rows) > 0)
+@pytest.mark.parametrize("sample", ["faiss", "numpy"])
+def test_pca_training_rows_slice_then_faiss_sample_size(sample):
+    assert np.array_equal(pca_training_rows(500, 4, max_points=None, sample=sample), np.arange(500))
+    assert np.array_equal(pca_training_rows(500, 4, max_points=120, sample=sample), np.arange(120))
+    rows = pca_training_rows(10_000, 4, max_points=9_000, sample=sample)  # 1000 * D = 4000 of the first 9000
+    assert len(rows) == 4000 and rows.max() < 9000 and len(np.unique(rows)) == 4000
 
 
 def _blobs(n_per=60, k=4, seed=0):

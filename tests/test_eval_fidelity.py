@@ -27,7 +27,7 @@ from neco.eval.linear.data import training_pairs
 from neco.eval.linear.head import confusion_on_features, linear_miou, make_head
 from neco.eval.overcluster import protocol as overcluster
 from neco.eval.overcluster.protocol import OverclusterOptions
-from neco.eval.primitives.clustering import cluster_confusion, score_clusters
+from neco.eval.primitives.cluster_scoring import cluster_confusion, score_clusters
 from neco.eval.primitives.features import FeatureExtractor, resize_mask
 from neco.eval.primitives.knn import TorchIndex
 from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST, resize_label_map, tokens_to_mask

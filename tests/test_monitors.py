@@ -14,7 +14,7 @@ from neco.engine.log import read_metrics
 from neco.errors import ConfigError
 from neco.eval import monitors
 from neco.eval.monitors import AttentionMonitor, KMeansMonitor, attention_jaccards, kmeans_monitor_metrics
-from neco.eval.primitives.clustering import faiss_threads
+from neco.eval.primitives.kmeans import faiss_threads
 from neco.models.backbone import build_backbone
 from neco.train import train
 

@@ -14,8 +14,9 @@ from PIL import Image
 
 from neco.errors import ConfigError
 from neco.eval.primitives.features import IMAGENET_MEAN, IMAGENET_STD
+from neco.eval.primitives.kmeans import assign
 from neco.eval.unsupervised import protocol as unsup_seg
-from neco.eval.unsupervised.clustering import ForegroundClustering, assign, faiss_kmeans, standardise_pca
+from neco.eval.unsupervised.clustering import ForegroundClustering, fit_kmeans, project_tokens
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "eval" / "unsup_seg.yaml"
 
@@ -142,12 +143,12 @@ def test_class_encoding_features_and_true_foreground_give_100(tmp_path):
 # ---------------------------------------------------------------------------------------- clustering stages
 
 
-def test_standardise_pca_matches_scaler_then_faiss_pca():
+def test_project_tokens_matches_scaler_then_faiss_pca():
     g = torch.Generator().manual_seed(0)
     a = (torch.randn(3, 4, 4, 8, generator=g) * torch.arange(1, 9)).half()
     b = (torch.randn(2, 4, 4, 8, generator=g) * torch.arange(1, 9)).half()
     a[..., 5] = b[..., 5] = 2.0  # a constant dimension: StandardScaler leaves it unscaled (std 1)
-    out = standardise_pca([a, b], 3)
+    out = project_tokens([a, b], 3)
     x = torch.cat([a, b]).reshape(-1, 8).double().numpy()
     std = x.std(axis=0)
     std[std == 0] = 1.0
@@ -176,8 +177,8 @@ def test_foreground_clustering_equals_clustering_the_upsampled_masked_pixels():
 
 def test_spherical_kmeans_assigns_by_inner_product():
     x = np.array([[1.0, 0.0], [10.0, 0.5], [0.0, 1.0], [0.2, 9.0]], dtype=np.float32)
-    km = faiss_kmeans(x, 2, niter=5, nredo=1, seed=0, spherical=True, option="k_fg")
-    a = assign(km, x)
+    km = fit_kmeans(x, 2, niter=5, nredo=1, seed=0, spherical=True, option="k_fg")
+    a, _ = assign(km, x)
     assert a[0] == a[1] and a[2] == a[3] and a[0] != a[2]  # direction, not distance
     with pytest.raises(ConfigError, match="k_fg=5"):
-        faiss_kmeans(x, 5, niter=5, nredo=1, seed=0, spherical=True, option="k_fg")
+        fit_kmeans(x, 5, niter=5, nredo=1, seed=0, spherical=True, option="k_fg")

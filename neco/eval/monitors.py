@@ -22,20 +22,17 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from neco.errors import ConfigError
-from neco.eval.primitives.clustering import (
-    cluster_confusion,
-    faiss_threads,
-    kmeans_assign,
-    resolve_ks,
-    score_clusters,
-    standardise_and_project,
-)
+from neco.eval.primitives.cluster_scoring import cluster_confusion, resolve_ks, score_clusters
 from neco.eval.primitives.features import FeatureExtractor, normalize, resize_image, resize_mask
+from neco.eval.primitives.kmeans import faiss_threads, kmeans_assign
+from neco.eval.primitives.pca import standardise_and_project
 from neco.loss.masks import attention_foreground, keep_mass
 
 log = logging.getLogger("neco")
 
 MONITORS = ("kmeans_monitor", "attn_monitor")
+# (x - mean) / (std + 1e-5) as the reference monitor (METHOD.md §6.1); the rest as neco.eval.primitives.pca notes.
+MONITOR_PCA = dict(constant_dims="eps", eps=1e-5, precision="float32", pca_sample="numpy")
 
 
 # ------------------------------------------------------------------------------------------ k-means monitor
@@ -80,7 +77,7 @@ def kmeans_monitor_metrics(
     n, m = feats.shape[0], masks.shape[-1]
     names = list(class_names or [str(c) for c in range(num_classes)])
     x = standardise_and_project(_upsampled_chunks(feats, m, device), n * m * m, feats.shape[-1], pca_dim,
-                                std_eps=1e-5, pca_max_points=pca_max_points)
+                                pca_max_points=pca_max_points, **MONITOR_PCA)
     metrics, preds = {}, {}
     for k in dict.fromkeys(resolve_ks(ks, num_classes)):
         assign, _ = kmeans_assign(x, k, niter=niter, nredo=nredo, seed=seed)

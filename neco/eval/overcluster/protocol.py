@@ -23,15 +23,10 @@ from tqdm.auto import tqdm
 from neco.choices import LabelResize, MiouClasses
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
-from neco.eval.primitives.clustering import (
-    cluster_confusion,
-    faiss_threads,
-    kmeans_assign,
-    resolve_ks,
-    score_clusters,
-    standardise_and_project,
-)
+from neco.eval.primitives.cluster_scoring import cluster_confusion, resolve_ks, score_clusters
+from neco.eval.primitives.kmeans import faiss_threads, kmeans_assign
 from neco.eval.primitives.labels import tokens_to_mask
+from neco.eval.primitives.pca import standardise_and_project
 
 # Datasets whose reference loader drops the last incomplete batch (METHOD.md §10.13): the VOC data module is built
 # with drop_last=True in eval_overcluster.py; the COCO and ADE20K validation loaders keep every image.
@@ -86,6 +81,13 @@ def _check(opts: OverclusterOptions) -> None:
         raise ConfigError("eval.overcluster: batch_size, mask_size, kmeans_iters and kmeans_restarts must be >= 1")
 
 
+def pca_parameters(std_eps: float) -> dict:
+    """Standardisation of the tokens (neco.eval.primitives.pca): std_eps 0 is sklearn's StandardScaler, as the
+    reference script (METHOD.md §6.2); PCA rows are numpy's draw, what these numbers have been computed with."""
+    rule = dict(constant_dims="rounding") if std_eps == 0 else dict(constant_dims="eps", eps=std_eps)
+    return rule | dict(precision="float32", pca_sample="numpy")
+
+
 def _token_chunks(feats: torch.Tensor, rows: int = 100_000):
     """Chunk source over the ``(N*h*w, D)`` token rows of cached float16 features, as float32 arrays."""
     flat = feats.reshape(-1, feats.shape[-1])
@@ -113,8 +115,8 @@ def cluster_split(
     n, h, w, d = feats.shape
     exclude = ignore_index if opts.miou_classes == "exclude_ignore" else None
     with faiss_threads(opts.faiss_threads):
-        x = standardise_and_project(_token_chunks(feats), n * h * w, d, opts.pca_dim, opts.std_eps,
-                                    opts.pca_max_points)
+        x = standardise_and_project(_token_chunks(feats), n * h * w, d, opts.pca_dim,
+                                    pca_max_points=opts.pca_max_points, **pca_parameters(opts.std_eps))
         out = {}
         ks = list(dict.fromkeys(resolve_ks(opts.ks, num_classes)))  # "classes" may repeat an int
         runs = [(k, s) for k in ks for s in opts.seeds]

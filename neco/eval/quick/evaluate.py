@@ -15,14 +15,13 @@ import contextlib
 import sys
 from collections.abc import Sequence
 
-import faiss
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from neco.eval.primitives.clustering import faiss_threads, kmeans_plus_plus
+from neco.eval.primitives.kmeans import TooFewPoints, faiss_threads, kmeans_assign
 from neco.eval.primitives.knn import nn_retrieval_miou, patch_label_histograms
 from neco.eval.primitives.labels import CENTRE, resize_label_map
 from neco.eval.primitives.metrics import (
@@ -32,6 +31,10 @@ from neco.eval.primitives.metrics import (
     many_to_one_match,
     remap_confusion,
 )
+from neco.eval.primitives.pca import standardise_and_project
+
+# (x - mean) / (std + 1e-5) in float64, PCA fitted on the rows faiss samples itself (neco.eval.primitives.pca).
+QUICK_PCA = dict(constant_dims="eps", eps=1e-5, precision="float64", pca_sample="faiss")
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -40,7 +43,6 @@ __all__ = [
     "extract_dense_features",
     "patch_label_histograms",
     "nn_retrieval_miou",
-    "kmeans_plus_plus",
     "kmeans_miou",
     "quick_evaluate",
 ]
@@ -117,37 +119,6 @@ def extract_dense_features(
     return torch.cat(feats), torch.cat(masks)
 
 
-def _standardise_and_project(x: np.ndarray, pca_dim: int | None) -> np.ndarray:
-    """Per-dimension standardisation (population std + 1e-5), then centred PCA, no whitening (METHOD.md §6.1)."""
-    x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-5)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if pca_dim is not None and pca_dim < x.shape[1]:
-        pca = faiss.PCAMatrix(x.shape[1], pca_dim)  # eigen_power 0: projection only
-        pca.train(x)
-        x = pca.apply(x)
-    return x
-
-
-def _kmeans_assign(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, init: str) -> np.ndarray:
-    """Cluster id of every row of ``x``: faiss Lloyd iterations, best objective over ``nredo`` restarts."""
-    best_obj, best_assign = np.inf, None
-    for redo in range(nredo):
-        run_seed = seed * 1000 + redo
-        # Small sets are expected here, so faiss's "provide at least 39 points per centroid" warning is noise.
-        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=run_seed, verbose=False, min_points_per_centroid=1)
-        if init == "k-means++":
-            km.train(x, init_centroids=kmeans_plus_plus(x, k, run_seed))
-        elif init == "random":
-            km.train(x)
-        else:
-            raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
-        dist, assign = km.index.search(x, 1)
-        obj = float(dist.sum())
-        if obj < best_obj:
-            best_obj, best_assign = obj, assign[:, 0]
-    return best_assign
-
-
 def kmeans_miou(
     val_feats: torch.Tensor,
     val_masks: torch.Tensor,
@@ -174,15 +145,16 @@ def kmeans_miou(
     """
     k = num_classes if k is None else k
     n, h, w, d = val_feats.shape
+    rows = val_feats.reshape(-1, d).numpy()
+    if rows.shape[0] < k:
+        raise TooFewPoints(f"k-means with k={k} needs at least k patches, got {rows.shape[0]}")
     with faiss_threads(threads):
-        x = _standardise_and_project(val_feats.reshape(-1, d).double().numpy(), pca_dim)
-    if x.shape[0] < k:
-        raise ValueError(f"k-means with k={k} needs at least k patches, got {x.shape[0]}")
+        x = standardise_and_project(lambda: [rows], rows.shape[0], d, pca_dim, **QUICK_PCA)
     size = tuple(val_masks.shape[-2:])
     mious, accs, per_class, preds = [], [], [], None
     for seed in seeds:
         with faiss_threads(threads):
-            assign = _kmeans_assign(x, k, int(seed), niter, nredo, init)
+            assign, _ = kmeans_assign(x, k, niter=niter, nredo=nredo, seed=int(seed), init=init, restarts="reseeded")
         # Centre sampling, as the PIL-resized masks it is compared with (load_eval_batch).
         clusters = resize_label_map(torch.from_numpy(assign.reshape(n, h, w).astype(np.int64)), size, CENTRE)
         conf = confusion_matrix(clusters, val_masks, k, num_classes, ignore_index)

@@ -1,8 +1,9 @@
-"""Feature preparation and faiss k-means for the unsupervised segmentation protocol (METHOD.md §6.5.2-5).
+"""Feature preparation and k-means of the unsupervised segmentation protocol (METHOD.md §6.5.2-5), with its own
+parameters for the shared primitives (neco.eval.primitives.pca, neco.eval.primitives.kmeans).
 
-Features of train and val are standardised together (scikit-learn ``StandardScaler`` semantics: population
-std, constant dimensions left unscaled) and projected on 50 principal components with faiss's ``PCAMatrix``
-(centring and projection, no whitening). k-means is faiss's, with the reference's settings, including faiss's
+Features of train and val are standardised together (population std, constant dimensions left unscaled by the
+``threshold`` rule) in float64 and projected on 50 principal components with faiss's ``PCAMatrix`` fitted on the
+rows faiss itself samples from all of them. k-means is faiss's with the reference's settings, including faiss's
 own subsampling to 256 points per centroid for training.
 """
 
@@ -15,69 +16,44 @@ import numpy as np
 import torch
 
 from neco.errors import ConfigError
-from neco.eval.primitives.clustering import faiss_threads
+from neco.eval.primitives.kmeans import TooFewPoints, assign, train_kmeans
 from neco.eval.primitives.labels import nearest_source_indices
+from neco.eval.primitives.pca import standardise_and_project
 
-__all__ = ["faiss_threads", "standardise_pca", "faiss_kmeans", "assign", "ForegroundClustering"]
+__all__ = ["UNSUP_PCA", "project_tokens", "fit_kmeans", "ForegroundClustering"]
+
+# METHOD.md §6.5.2; pca_dim equal to the feature dimension still fits the PCA (a rotation), as this protocol always has.
+UNSUP_PCA = dict(constant_dims="threshold", precision="float64", pca_sample="faiss", full_rank_pca=True)
 
 
-def standardise_pca(parts: Sequence[torch.Tensor], dim: int, chunk: int = 262_144) -> torch.Tensor:
+def project_tokens(parts: Sequence[torch.Tensor], dim: int, chunk: int = 262_144) -> torch.Tensor:
     """Standardise the ``(N_i, h, w, D)`` feature tensors jointly, then PCA: ``float32 (sum N_i, h, w, dim)``.
 
-    Statistics are exact float64 sums over chunks (the reference fits its scaler incrementally on chunks of
-    100k; the result is the same up to rounding).
+    Statistics are float64 sums over chunks (the reference fits its scaler incrementally on chunks of 100k; the
+    result is the same up to rounding).
     """
     n_img = sum(p.shape[0] for p in parts)
     h, w, d = parts[0].shape[1:]
     if dim > d:
         raise ConfigError(f"eval.unsup_seg.pca_dim={dim} exceeds the feature dimension {d}")
     flats = [p.reshape(-1, d) for p in parts]
+
+    def chunks():
+        for f in flats:
+            for s in range(0, f.shape[0], chunk):
+                yield f[s:s + chunk].numpy()
+
     rows = sum(f.shape[0] for f in flats)
-    total = torch.zeros(d, dtype=torch.float64)
-    for f in flats:
-        for s in range(0, f.shape[0], chunk):
-            total += f[s:s + chunk].double().sum(dim=0)
-    mean = total / rows
-    sq = torch.zeros(d, dtype=torch.float64)
-    for f in flats:
-        for s in range(0, f.shape[0], chunk):
-            sq += (f[s:s + chunk].double() - mean).square().sum(dim=0)
-    scale = (sq / rows).sqrt()
-    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0  # StandardScaler's rule for constant dimensions
-    x = np.empty((rows, d), dtype=np.float32)
-    at = 0
-    for f in flats:
-        for s in range(0, f.shape[0], chunk):
-            block = f[s:s + chunk]
-            x[at:at + len(block)] = ((block.double() - mean) / scale).float().numpy()
-            at += len(block)
-    pca = faiss.PCAMatrix(d, dim)  # eigen_power 0: projection only, as the reference
-    pca.train(x)
-    out = np.empty((rows, dim), dtype=np.float32)
-    for s in range(0, rows, chunk):
-        out[s:s + chunk] = pca.apply(x[s:s + chunk])
+    out = standardise_and_project(chunks, rows, d, dim, **UNSUP_PCA, apply_rows=chunk)
     return torch.from_numpy(out).reshape(n_img, h, w, dim)
 
 
-def faiss_kmeans(x: np.ndarray, k: int, niter: int, nredo: int, seed: int, spherical: bool, option: str):
-    """A trained ``faiss.Kmeans`` (best of ``nredo`` restarts); ``option`` names the setting that sets ``k``."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.shape[0] < k:
-        raise ConfigError(f"eval.unsup_seg.{option}={k}: k-means needs at least {k} vectors, got {x.shape[0]}")
-    # min_points_per_centroid only controls faiss's "too few points" warning; training is unchanged.
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, seed=seed, spherical=spherical, verbose=False,
-                      min_points_per_centroid=1)
-    km.train(x)
-    return km
-
-
-def assign(km, x: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
-    """Nearest centroid of every row (inner product for spherical k-means, as faiss's own index)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty(x.shape[0], dtype=np.int64)
-    for s in range(0, x.shape[0], chunk):
-        out[s:s + chunk] = km.index.search(x[s:s + chunk], 1)[1][:, 0]
-    return out
+def fit_kmeans(x: np.ndarray, k: int, niter: int, nredo: int, seed: int, spherical: bool, option: str) -> faiss.Kmeans:
+    """A trained ``faiss.Kmeans`` (best of ``nredo`` faiss restarts); ``option`` names the setting that sets ``k``."""
+    try:
+        return train_kmeans(x, k, niter=niter, nredo=nredo, seed=seed, spherical=spherical)
+    except TooFewPoints as err:
+        raise ConfigError(f"eval.unsup_seg.{option}={k}: {err}") from err
 
 
 class ForegroundClustering:
@@ -101,8 +77,8 @@ class ForegroundClustering:
 
     def labels(self, k: int, seed: int, option: str = "k_community") -> torch.Tensor:
         """``(N, S, S)`` int64 cluster ids of the foreground pixels, ``k`` for the background."""
-        km = faiss_kmeans(self.train_x, k, self.niter, self.nredo, seed, spherical=False, option=option)
-        token_labels = torch.from_numpy(assign(km, self.tokens))
+        km = fit_kmeans(self.train_x, k, self.niter, self.nredo, seed, spherical=False, option=option)
+        token_labels = torch.from_numpy(assign(km, self.tokens)[0])
         out = torch.full(self.fg.shape, k, dtype=torch.long)
         out[self.fg] = token_labels[self.pixel_token]
         return out

@@ -27,10 +27,11 @@ from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
 from neco.eval.primitives.features import resize_image
 from neco.eval.primitives.foreground import attention_maps, load_attention_masks
+from neco.eval.primitives.kmeans import assign, faiss_threads
 from neco.eval.primitives.labels import resize_label_map
 from neco.eval.primitives.metrics import confusion_matrix, iou_from_confusion, many_to_one_match, remap_confusion
 from neco.eval.unsupervised.cbfe import extract_foreground
-from neco.eval.unsupervised.clustering import ForegroundClustering, assign, faiss_kmeans, faiss_threads, standardise_pca
+from neco.eval.unsupervised.clustering import ForegroundClustering, fit_kmeans, project_tokens
 from neco.eval.unsupervised.community import (
     FIXED_ANGLES,
     REFERENCE_ANGLES,
@@ -169,13 +170,14 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
         if saved:
             extra["attention_masks_file"] = saved
         n_tr = feats["train"].shape[0]
-        tokens = standardise_pca([feats["train"], feats["val"]], opts.pca_dim)
+        tokens = project_tokens([feats["train"], feats["val"]], opts.pca_dim)
         del feats
         n, h, w, d = tokens.shape
 
-        km = faiss_kmeans(tokens.reshape(-1, d).numpy(), opts.k_fg, opts.kmeans_iters, opts.kmeans_restarts,
-                          opts.clustering_seed, spherical=True, option="k_fg")
-        clusters = resize_label_map(torch.from_numpy(assign(km, tokens.reshape(-1, d).numpy())).reshape(n, h, w), size)
+        km = fit_kmeans(tokens.reshape(-1, d).numpy(), opts.k_fg, opts.kmeans_iters, opts.kmeans_restarts,
+                        opts.clustering_seed, spherical=True, option="k_fg")
+        clusters = resize_label_map(torch.from_numpy(assign(km, tokens.reshape(-1, d).numpy())[0]).reshape(n, h, w),
+                                    size)
         cbfe = extract_foreground(clusters[:n_tr], clusters[n_tr:], resize_label_map(noisy["train"], size),
                                   resize_label_map(noisy["val"], size), gt["train"], gt["val"], opts.k_fg,
                                   opts.cut_low, opts.cut_high, opts.threshold_step)
