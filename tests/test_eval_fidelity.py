@@ -29,8 +29,8 @@ from neco.eval.linear.head import confusion_on_features, linear_miou, make_head
 from neco.eval.overcluster import protocol as overcluster
 from neco.eval.overcluster.protocol import OverclusterOptions
 from neco.eval.primitives.clustering import cluster_confusion, score_clusters
-from neco.eval.primitives.features import FeatureExtractor, resize_mask
-from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST, resize_label_map, tokens_to_mask
+from neco.eval.primitives.features import FeatureExtractor
+from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST, resize_label_map, resize_mask, tokens_to_mask
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "eval"
 GRID4 = np.arange(16).reshape(4, 4)

@@ -31,7 +31,8 @@ from neco.eval.primitives.clustering import (
     score_clusters,
     standardise_and_project,
 )
-from neco.eval.primitives.features import FeatureExtractor, normalize, resize_image, resize_mask
+from neco.eval.primitives.features import FeatureExtractor, normalize, resize_image
+from neco.eval.primitives.labels import LEGACY_NEAREST, resize_label_map, resize_mask
 from neco.loss.masks import drop_small_components, gaussian_blur, keep_mass
 
 log = logging.getLogger("neco")
@@ -186,9 +187,10 @@ def attention_jaccards(
     attention = attention.float()
     merged = _blur(attention.mean(dim=1, keepdim=True))
     merged = drop_small_components(keep_mass(merged, threshold), max_size=2)
-    merged = F.interpolate(merged.float(), size=size, mode="nearest")[:, 0].bool()
-    per_head = keep_mass(attention.reshape(b * heads, 1, h, w), threshold).float()
-    per_head = F.interpolate(per_head, size=size, mode="nearest").view(b, heads, *size).bool()
+    # Token maps onto the masks with torch's nearest, as the reference callback.
+    merged = resize_label_map(merged[:, 0].bool(), tuple(size), LEGACY_NEAREST)
+    per_head = keep_mass(attention.reshape(b * heads, 1, h, w), threshold).view(b, heads, h, w)
+    per_head = resize_label_map(per_head.bool(), tuple(size), LEGACY_NEAREST)
     if boundary_as_foreground or ignore_index is None:
         valid = torch.ones_like(masks, dtype=torch.bool)
     else:

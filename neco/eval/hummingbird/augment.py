@@ -31,6 +31,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
+from neco.eval.primitives.labels import LEGACY_NEAREST, resize_label_map
+
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
@@ -106,10 +108,8 @@ def augment_pair(
         raise ValueError(f"mask {tuple(mask.shape)} and image {tuple(x.shape[1:])} sizes differ")
     i, j, h, w = crop_params(x.shape[1], x.shape[2], scale, ratio, g)
     x = TF.resized_crop(x, i, j, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
-    # Labels travel as float32 (exact for ids < 2**24) through torch's nearest resize, as the reference's
-    # ToTensor-ed mask does.
-    m = TF.resized_crop(mask[None].float(), i, j, h, w, [size, size], InterpolationMode.NEAREST)
-    return x, m[0].round().long()
+    # torchvision's resized_crop of the mask tensor (torch's nearest), as the reference's ToTensor-ed mask.
+    return x, resize_label_map(mask, size, LEGACY_NEAREST, box=(j, i, j + w, i + h))
 
 
 class AugmentedPairs(Dataset):

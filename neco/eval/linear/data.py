@@ -17,13 +17,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from neco.eval.primitives.labels import LEGACY_NEAREST, resize_label_map
+from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST, resize_label_map
 
 __all__ = [
     "random_resized_crop_params",
     "AugmentedPairs",
     "train_subset",
-    "evaluated_count",
 ]
 
 
@@ -103,13 +102,12 @@ class AugmentedPairs(Dataset):
         box = (left, top, left + w, top + h)
         size = (self.image_size, self.image_size)
         img = img.crop(box).resize(size, Image.Resampling.BILINEAR)
-        # Mode "I" keeps every label value through the nearest resize.
-        m = np.asarray(Image.fromarray(mask).crop(box).resize(size, Image.Resampling.NEAREST))
+        m = resize_label_map(mask, size, CENTRE, box=box)  # PIL's crop(box).resize(NEAREST)
         x = np.asarray(img)
         if rng.random() < self.hflip:
             x, m = x[:, ::-1], m[:, ::-1]
         if self.mask_size is not None and self.mask_size != self.image_size:
-            # The second nearest step, the one the validation masks get (neco.eval.primitives.features.resize_mask).
+            # The second nearest step, the one the validation masks get (neco.eval.primitives.labels.resize_mask).
             m = resize_label_map(m, self.mask_size, self.label_resize)
         if m.min() < 0 or m.max() > 255:
             raise ValueError(f"mask of item {index} has labels outside 0..255")
@@ -148,11 +146,3 @@ def train_subset(dataset, fraction: float, seed: int, out_file: Path | None = No
         out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_text("".join(f"{i}\n" for i in _image_ids(dataset, indices)))
     return indices
-
-
-def evaluated_count(n: int, batch_size: int, drop_last: bool) -> int:
-    """Images a sequential loader of ``batch_size`` visits: all, or only the full batches with ``drop_last``.
-
-    E.g. VOC val, 1,449 images at batch 128 with ``drop_last``: 11 batches, 1,408 images (METHOD.md §10.13).
-    """
-    return (n // batch_size) * batch_size if drop_last else n
