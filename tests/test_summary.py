@@ -153,3 +153,15 @@ def test_train_summary_without_evaluations_still_says_where_things_are(tmp_path,
     assert "Before and after" not in text
     assert f"run directory: {tmp_path.name}/" in text
     assert ("last logged loss 2.5000" in text) == bool(records)
+
+
+def test_train_summary_shows_every_evaluations_percent_as_logged(tmp_path):
+    # The quick check and the k-means monitor both log mIoU in %: the table shows the logged value, not x100.
+    records = [{"step": 0, "eval/before/nn/miou": 18.11, "eval/before/kmeans/k7/miou": 8.21},
+               {"step": 9, "eval/after/nn/miou": 18.38, "eval/after/kmeans/k7/miou": 9.0,
+                "eval/after/heldout/neco_loss": 2.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = train_summary(tmp_path, cwd=tmp_path.parent).splitlines()
+    assert "| NN retrieval mIoU (%) | 18.1 | 18.4 | +0.3 |" in lines
+    assert "| kmeans/k7/miou | 8.2 | 9.0 | +0.8 |" in lines
+    assert "| NeCo loss on held-out crops (lower is better) | - | 2.5000 | - |" in lines
