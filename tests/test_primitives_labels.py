@@ -101,6 +101,11 @@ def test_mask_pipeline_two_steps_each_with_its_rule():
     assert got[(LEGACY_NEAREST, CENTRE)] == [[7, 10], [25, 28]]
     assert got[(LEGACY_NEAREST, LEGACY_NEAREST)] == [[0, 3], [18, 21]]
     assert resize_label_map(GRID6, 2, CENTRE).tolist() == [[7, 10], [25, 28]] != got[(CENTRE, CENTRE)]
+    # 4x4 -> 4 -> 2: the default shrink is the reference's, the single resize to the input size the loaders'.
+    assert resize_mask(GRID4, 4, 2).tolist() == [[0, 2], [8, 10]]
+    assert resize_mask(GRID4, 4, 2, label_resize=CENTRE).tolist() == [[5, 7], [13, 15]]
+    assert resize_mask(GRID4, 2, input_resize=LEGACY_NEAREST).tolist() == [[0, 2], [8, 10]]  # Hummingbird's
+    assert resize_mask(GRID4, 2).tolist() == [[5, 7], [13, 15]]
     # No second step without mask_size (or with the input size): the quick check's and Hummingbird's masks.
     assert resize_mask(GRID6, 4).tolist() == pil_nearest(GRID6, (4, 4)).tolist()
     assert resize_mask(GRID6, 4, 4, label_resize=LEGACY_NEAREST).tolist() == resize_mask(GRID6, 4).tolist()

@@ -137,7 +137,7 @@ def kmeans_miou(
     for seed in seeds:
         with faiss_threads(threads):
             assign = _kmeans_assign(x, k, int(seed), niter, nredo, init)
-        # Centre sampling, as the PIL-resized masks it is compared with (load_eval_batch).
+        # Centre sampling, as the PIL-resized masks it is compared with (quick_features).
         clusters = resize_label_map(torch.from_numpy(assign.reshape(n, h, w).astype(np.int64)), size, CENTRE)
         conf = confusion_matrix(clusters, val_masks, k, num_classes, ignore_index)
         mapping = hungarian_match(conf) if k == num_classes else many_to_one_match(conf, "precision")
