@@ -54,9 +54,9 @@ def main() -> None:
         print(f"| {key} | {_fmt(before)} | {_fmt(after)} | {_fmt(delta, sign=True)} |")
 
 
-def _fmt(values: list[float], sign: bool = False) -> str:
-    mean = statistics.fmean(values) * 100
-    std = (statistics.stdev(values) if len(values) > 1 else 0.0) * 100
+def _fmt(values: list[float], sign: bool = False) -> str:  # the quick check logs mIoU and accuracy in %
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{mean:+.1f} ± {std:.1f}" if sign else f"{mean:.1f} ± {std:.1f}"
 
 

@@ -1,8 +1,8 @@
 """The quickstart's evaluation before and after post-training (``eval=quick``).
 
-Each call measures one state of the networks: dense NN retrieval and k-means on the synthetic validation split
-(with a segmentation figure), the NeCo loss on held-out crops, and the query-patch similarity ranking
-(neco.viz_neighbours). The "before" similarity maps are kept (also on disk, for a resumed run), and every later
+Each call measures one state of the networks: dense NN retrieval and k-means mIoU (in %) on the synthetic
+validation split (with a segmentation figure), the NeCo loss on held-out crops, and the query-patch similarity
+ranking (neco.viz_neighbours). The "before" similarity maps are kept (also on disk, for a resumed run), and every later
 call draws them beside its own in ``figures/similarity.png``: the change a few hundred steps make, visible even
 where mIoU barely moves.
 """
@@ -61,12 +61,12 @@ class BeforeAfterEvaluator:
 
     def _similarity(self, backbone, tag: str) -> float:
         """Mean ranking AUC over the validation images' queries; draws the before/now figure after "before"."""
-        from neco.eval.quick.evaluate import extract_dense_features
+        from neco.eval.quick.evaluate import quick_features
         from neco.viz_neighbours import class_ranking_auc, patch_labels, pick_queries, similarity_maps
 
         size = self.cfg.eval.image_size
-        feats, masks = extract_dense_features(backbone, self.val, size, device=self.device,
-                                              amp_dtype=self.amp_dtype, progress=False)
+        feats, masks = quick_features(backbone, self.val, size, device=self.device, amp_dtype=self.amp_dtype,
+                                      progress=False)
         labels = patch_labels(masks, feats.shape[1:3])
         queries = pick_queries(labels, ignore_index=self.val.ignore_index)
         maps = similarity_maps(feats, queries)
@@ -79,7 +79,7 @@ class BeforeAfterEvaluator:
         return float(auc.nanmean())
 
     def _figure(self, backbone, before: dict, labels, maps, queries, tag: str) -> None:
-        from neco.eval.quick.evaluate import load_eval_batch
+        from neco.eval.primitives.features import resize_image
         from neco.viz_neighbours import Query, save_similarity_figure
 
         shown = [Query(**q) for q in before["queries"]]
@@ -88,7 +88,8 @@ class BeforeAfterEvaluator:
             log.warning("similarity figure skipped: the validation split changed since the 'before' evaluation")
             return
         now = torch.stack([maps[index[(q.image, q.row, q.col)]] for q in shown])
-        images, _ = load_eval_batch(self.val, range(max(q.image for q in shown) + 1), self.cfg.eval.image_size)
+        size = self.cfg.eval.image_size
+        images = [resize_image(self.val[i][0], size) for i in range(max(q.image for q in shown) + 1)]
         name = "after NeCo" if tag == "after" else tag
         save_similarity_figure(images, labels, shown, before["maps"], now, self.run_dir / "figures" /
                                "similarity.png", backbone.patch_size, self.val.class_names,

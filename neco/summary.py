@@ -34,10 +34,9 @@ NAMES = {
 }
 
 
-def fraction_in_percent(metric: str) -> bool:
-    """The quick check (training-time ``eval=quick``) stores mIoU and accuracies as fractions: shown in %.
-
-    The evaluation protocols (``python -m neco.eval``) store them in % already, and are shown as stored."""
+def in_percent(metric: str) -> bool:
+    """mIoU and accuracies, which every evaluation (training's quick check and monitors, the protocols of
+    ``python -m neco.eval``) stores in %: shown with one decimal in the training summary."""
     last = metric.rsplit("/", 1)[-1]
     return last in ("miou", "pixel_acc")
 
@@ -46,20 +45,20 @@ def _as_stored(metric: str) -> bool:
     return False
 
 
-def _fmt(metric: str, value, percent=fraction_in_percent) -> str:
+def _fmt(metric: str, value, percent=in_percent) -> str:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return "-"
     if percent(metric):
-        return f"{100 * value:.1f}"
+        return f"{value:.1f}"
     return f"{value:.2f}" if percent is _as_stored else f"{value:.4f}"
 
 
-def _change(metric: str, before, after, percent=fraction_in_percent) -> str:
+def _change(metric: str, before, after, percent=in_percent) -> str:
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (before, after)):
         return "-"
     d = after - before
     if percent(metric):
-        return f"{100 * d:+.1f}"
+        return f"{d:+.1f}"
     return f"{d:+.2f}" if percent is _as_stored else f"{d:+.4f}"
 
 
@@ -108,7 +107,7 @@ def eval_tables(records: Sequence[Mapping]) -> dict[str, dict[str, float]]:
 
 
 def comparison_table(columns: Mapping[str, Mapping[str, float]], names: Mapping[str, str] = NAMES,
-                     percent=fraction_in_percent) -> list[str]:
+                     percent=in_percent) -> list[str]:
     """Markdown rows: one per metric, one column per model / state, and the change from the first to the last."""
     labels = list(columns)
     metrics = list(dict.fromkeys(m for c in columns.values() for m in c))

@@ -102,7 +102,7 @@ def test_kmeans_seeds_and_restarts_are_deterministic():
 @pytest.mark.parametrize("mode", LABEL_RESIZE_MODES)
 @pytest.mark.parametrize("grid,patch,mask_size", [(4, 8, 10), (32, 14, 100), (28, 16, 100), (12, 8, 48)])
 def test_tokens_to_mask_reproduces_token_constant_masks_exactly(grid, patch, mask_size, mode):
-    from neco.eval.primitives.features import resize_mask
+    from neco.eval.primitives.labels import resize_mask
 
     tokens = torch.arange(grid * grid).view(1, grid, grid)
     # A mask constant on the patches of the input, shrunk with the same rule as the evaluation masks, is the

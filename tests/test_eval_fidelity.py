@@ -28,9 +28,9 @@ from neco.eval.linear.head import confusion_on_features, linear_miou, make_head
 from neco.eval.overcluster import protocol as overcluster
 from neco.eval.overcluster.protocol import OverclusterOptions
 from neco.eval.primitives.cluster_scoring import cluster_confusion, score_clusters
-from neco.eval.primitives.features import FeatureExtractor, resize_mask
+from neco.eval.primitives.features import FeatureExtractor
 from neco.eval.primitives.knn import TorchIndex
-from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST, resize_label_map, tokens_to_mask
+from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST, resize_label_map, resize_mask
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "eval"
 GRID4 = np.arange(16).reshape(4, 4)
@@ -140,13 +140,6 @@ def test_legacy_and_centre_sample_different_pixels_of_a_4x4_map():
     assert ref_loader_resize(GRID4[None], 2)[0].tolist() == CENTRE_2X2
 
 
-def test_mask_pipeline_uses_the_option_for_the_shrink_and_for_hummingbirds_single_resize():
-    assert resize_mask(GRID4, 4, 2).tolist() == LEGACY_2X2  # default: the reference's
-    assert resize_mask(GRID4, 4, 2, label_resize=CENTRE).tolist() == CENTRE_2X2
-    assert resize_mask(GRID4, 2, input_resize=LEGACY_NEAREST).tolist() == LEGACY_2X2
-    assert resize_mask(GRID4, 2).tolist() == CENTRE_2X2  # NeCo's loaders: PIL to the input size
-
-
 def test_feature_cache_keeps_the_two_resize_rules_apart(tmp_path):
     extractor = FeatureExtractor(Zeros(patch=2), cache_dir=tmp_path, model_key="m", progress=False)
     data = LabelMaps([GRID4])
@@ -166,12 +159,6 @@ def test_linear_training_masks_are_flipped_before_the_shrink(mode, want):
                            label_resize=mode)
     _, m = pairs[0]
     assert m.tolist() == want
-
-
-def test_cluster_maps_follow_the_option():
-    tokens = torch.arange(4).view(1, 2, 2)  # 2x2 tokens of 2 px on a 4 px input, shown on a 3x3 mask
-    assert tokens_to_mask(tokens, 4, 3, LEGACY_NEAREST)[0].tolist() == [[0, 0, 1], [0, 0, 1], [2, 2, 3]]
-    assert tokens_to_mask(tokens, 4, 3, CENTRE)[0].tolist() == [[0, 1, 1], [2, 3, 3], [2, 3, 3]]
 
 
 def test_options_default_to_the_reference_and_reject_unknown_values():

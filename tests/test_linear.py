@@ -16,9 +16,10 @@ from PIL import Image
 from neco.data.crops import random_resized_crop_params
 from neco.errors import ConfigError
 from neco.eval.context import typed_options
-from neco.eval.linear.data import evaluated_count, train_subset, training_pairs
+from neco.eval.linear.data import train_subset, training_pairs
 from neco.eval.linear.head import TopK, head_logits, linear_miou, load_head, make_head, masked_cross_entropy
 from neco.eval.linear.protocol import LinearOptions, evaluate_head, reference_loader_settings, run
+from neco.eval.primitives.batches import evaluated_count
 from neco.eval.primitives.features import IMAGENET_MEAN, IMAGENET_STD
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "eval" / "linear.yaml"

@@ -8,7 +8,7 @@ from PIL import Image
 
 from neco.errors import ConfigError
 from neco.eval.overcluster import protocol as overcluster
-from neco.eval.overcluster.protocol import evaluated_images
+from neco.eval.primitives.batches import evaluated_count
 
 PATCH, GRID = 8, 4
 SIZE = PATCH * GRID
@@ -111,8 +111,8 @@ def test_permuted_label_space_is_undone_by_matching(tmp_path):
 
 
 def test_drop_last_batch_counts(tmp_path):
-    assert evaluated_images(1449, 32, True) == 1440  # VOC val in the reference (METHOD.md §10.13)
-    assert evaluated_images(1449, 32, False) == 1449
+    assert evaluated_count(1449, 32, True) == 1440  # VOC val in the reference (METHOD.md §10.13)
+    assert evaluated_count(1449, 32, False) == 1449
     data = ColourCells(n=12)
     dropped = _run(tmp_path / "a", data, ks=["classes"], seeds=[0], batch_size=5, drop_last_batch=True)
     assert dropped.extra["num_images"] == 10 and dropped.extra["num_images_in_split"] == 12

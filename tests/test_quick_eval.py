@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from neco.eval.primitives.features import NORMALISE_UINT8, NORMALISE_UNIT, FeatureExtractor, normalize
 from neco.eval.primitives.metrics import confusion_matrix, hungarian_match, iou_from_confusion, remap_confusion
 from neco.eval.quick.evaluate import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    extract_dense_features,
     kmeans_miou,
     nn_retrieval_miou,
     patch_label_histograms,
     quick_evaluate,
+    quick_features,
 )
 
 PATCH = 8
@@ -85,7 +85,7 @@ def test_extract_shapes_masks_and_normalisation():
     ds = TinyScenes(5, seed=0, image_hw=(40, 48))
     model = PatchConv()
     model.train()
-    feats, masks = extract_dense_features(model, ds, image_size=SIZE, batch_size=2, progress=False)
+    feats, masks = quick_features(model, ds, image_size=SIZE, batch_size=2, progress=False)
     assert feats.shape == (5, GRID, GRID, 16) and feats.dtype == torch.float32
     assert masks.shape == (5, SIZE, SIZE) and masks.dtype == torch.long
     assert model.training  # mode restored for callers in the middle of training
@@ -94,16 +94,16 @@ def test_extract_shapes_masks_and_normalisation():
         ref = Image.fromarray(ds[i][1].numpy().astype(np.uint8)).resize((SIZE, SIZE), Image.NEAREST)
         np.testing.assert_array_equal(masks[i].numpy(), np.asarray(ref))
     # Batch size does not change the result.
-    feats_all, _ = extract_dense_features(model, ds, image_size=SIZE, batch_size=32, progress=False)
+    feats_all, _ = quick_features(model, ds, image_size=SIZE, batch_size=32, progress=False)
     torch.testing.assert_close(feats, feats_all)
     # Mixed precision still hands back float32 features, close to the full-precision ones.
-    feats_bf16, _ = extract_dense_features(model, ds, SIZE, amp_dtype=torch.bfloat16, progress=False)
+    feats_bf16, _ = quick_features(model, ds, SIZE, amp_dtype=torch.bfloat16, progress=False)
     assert feats_bf16.dtype == torch.float32
     torch.testing.assert_close(feats_bf16, feats, atol=0.05, rtol=0.05)
 
     # Patch-mean features of a stripe image must be the ImageNet-normalised stripe colour.
     ds_sq = TinyScenes(2, seed=1)
-    feats, masks = extract_dense_features(PatchMean(), ds_sq, image_size=SIZE, progress=False)
+    feats, masks = quick_features(PatchMean(), ds_sq, image_size=SIZE, progress=False)
     classes = masks[:, ::PATCH, ::PATCH]
     expected = (torch.from_numpy(COLORS).float()[classes] / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(
         IMAGENET_STD
@@ -117,7 +117,7 @@ def test_extract_rejects_non_dense_model():
             return x.mean(dim=(2, 3))
 
     with pytest.raises(ValueError):
-        extract_dense_features(Pooled(), TinyScenes(2, 0), image_size=SIZE, progress=False)
+        quick_features(Pooled(), TinyScenes(2, 0), image_size=SIZE, progress=False)
 
 
 def test_patch_histograms_exclude_ignore():
@@ -234,10 +234,55 @@ def test_quick_evaluate_end_to_end(tmp_path):
     out = quick_evaluate(PatchConv(), train, val, image_size=SIZE, figure_path=str(fig), progress=False)
     assert set(out) == {"nn/miou", "nn/pixel_acc", "kmeans/miou", "kmeans/pixel_acc"}
     assert all(isinstance(v, float) for v in out.values())  # loggable as is
-    # Colour determines the class, so even a random patch embedding separates the classes.
-    assert out["nn/miou"] == pytest.approx(1.0)
-    assert out["kmeans/miou"] > 0.9
+    # Colour determines the class, so even a random patch embedding separates the classes. In %.
+    assert out["nn/miou"] == pytest.approx(100.0) and out["nn/pixel_acc"] == pytest.approx(100.0)
+    assert 90.0 < out["kmeans/miou"] <= 100.0
     with Image.open(fig) as im:
         assert im.format == "PNG" and im.width > 0
     out = quick_evaluate(PatchConv(), train, val, image_size=SIZE, per_class=True, progress=False)
     assert len(out["nn/per_class_iou"]) == len(out["kmeans/per_class_iou"]) == NUM_CLASSES
+    assert out["nn/per_class_iou"] == pytest.approx([100.0] * NUM_CLASSES)  # in % like the mIoU
+
+
+def test_quick_evaluate_reports_percent_of_the_scorers_fractions():
+    train, val = TinyScenes(12, seed=7, image_hw=(40, 44)), TinyScenes(6, seed=8, image_hw=(30, 50))
+    model = PatchConv(dim=1)  # one dimension: after cosine normalisation two values for four classes
+    out = quick_evaluate(model, train, val, image_size=SIZE, nn_k=3, per_class=True, progress=False)
+    feats_tr, masks_tr = quick_features(model, train, SIZE, progress=False)
+    feats_va, masks_va = quick_features(model, val, SIZE, progress=False)
+    nn = nn_retrieval_miou(feats_tr, masks_tr, feats_va, masks_va, NUM_CLASSES, k=3)
+    km = kmeans_miou(feats_va, masks_va, NUM_CLASSES)
+    assert 0.0 < nn["miou"] < 1.0  # an imperfect score, so a x100 is visible
+    assert out["nn/miou"] == 100.0 * nn["miou"] and out["kmeans/miou"] == 100.0 * km["miou"]
+    assert out["nn/pixel_acc"] == 100.0 * nn["pixel_acc"]
+    assert out["kmeans/per_class_iou"] == [100.0 * v for v in km["per_class_iou"]]
+
+
+def test_normalisation_orders_are_the_two_named_formulas_and_differ_by_rounding():
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    unit, raw = normalize(x, IMAGENET_MEAN, IMAGENET_STD, NORMALISE_UNIT), normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(unit, (x.float() / 255.0 - mean) / std)  # torchvision's ToTensor + Normalize
+    assert torch.equal(raw, (x.float() - mean * 255.0) / (std * 255.0))
+    assert not torch.equal(unit, raw)  # a named option because the arithmetic order shows in the values
+    torch.testing.assert_close(unit, raw, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="normalisation order"):
+        normalize(x, IMAGENET_MEAN, IMAGENET_STD, "imagenet")
+
+
+def test_quick_features_are_the_extractors_with_the_quick_settings(tmp_path):
+    ds = TinyScenes(3, seed=4, image_hw=(30, 50))
+    feats, masks = quick_features(PatchMean(), ds, SIZE, progress=False)
+    default_feats, default_masks = FeatureExtractor(PatchMean(), progress=False).extract(ds, SIZE)
+    assert default_feats.dtype == torch.float16 and default_masks.dtype == torch.uint8
+    assert torch.equal(masks, default_masks.long())  # the same nearest (centre) resize to the input size
+    # float32 storage and torchvision's order: the raw order rounds differently, float16 coarser still.
+    raw = FeatureExtractor(PatchMean(), progress=False).extract(ds, SIZE, normalise=NORMALISE_UINT8,
+                                                                feature_dtype=torch.float32)[0]
+    assert not torch.equal(feats, raw)
+    assert torch.equal(default_feats, raw.half())
+    # Cached extractions of the two settings never answer for each other.
+    cached = FeatureExtractor(PatchMean(), cache_dir=tmp_path, model_key="m", progress=False)
+    a = cached.extract(ds, SIZE, normalise=NORMALISE_UNIT, feature_dtype=torch.float32)[0]
+    b = cached.extract(ds, SIZE)[0]
+    assert torch.equal(a, feats) and torch.equal(b, default_feats) and len(list(tmp_path.glob("*.pt"))) == 2

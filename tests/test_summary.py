@@ -39,7 +39,7 @@ def test_quick_run_ends_with_a_before_after_summary_and_a_similarity_figure(tmp_
     assert row == (f"| NeCo loss on held-out crops (lower is better) | {before:.4f} | {after:.4f} | "
                    f"{after - before:+.4f} |")
     nn_row = next(line for line in summary.splitlines() if line.startswith("| NN retrieval mIoU (%)"))
-    assert f"| {100 * evals['eval/before/nn/miou']:.1f} |" in nn_row
+    assert f"| {evals['eval/before/nn/miou']:.1f} |" in nn_row  # logged in %, shown as logged
     assert "similarity/ranking_auc" not in summary and "query-patch ranking AUC" in summary
     for name in ("crops.png", "loss.png", "segmentation_before.png", "segmentation_after.png", "similarity.png"):
         assert (run / "figures" / name).is_file()
@@ -153,3 +153,15 @@ def test_train_summary_without_evaluations_still_says_where_things_are(tmp_path,
     assert "Before and after" not in text
     assert f"run directory: {tmp_path.name}/" in text
     assert ("last logged loss 2.5000" in text) == bool(records)
+
+
+def test_train_summary_shows_every_evaluations_percent_as_logged(tmp_path):
+    # The quick check and the k-means monitor both log mIoU in %: the table shows the logged value, not x100.
+    records = [{"step": 0, "eval/before/nn/miou": 18.11, "eval/before/kmeans/k7/miou": 8.21},
+               {"step": 9, "eval/after/nn/miou": 18.38, "eval/after/kmeans/k7/miou": 9.0,
+                "eval/after/heldout/neco_loss": 2.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = train_summary(tmp_path, cwd=tmp_path.parent).splitlines()
+    assert "| NN retrieval mIoU (%) | 18.1 | 18.4 | +0.3 |" in lines
+    assert "| kmeans/k7/miou | 8.2 | 9.0 | +0.8 |" in lines
+    assert "| NeCo loss on held-out crops (lower is better) | - | 2.5000 | - |" in lines

@@ -74,7 +74,7 @@ class EvalContext:
         """Cached ``(float16 (N, h, w, D), uint8 (N, m, m))`` features and masks of a whole split.
 
         Masks: ``input_resize`` to ``image_size``, then ``label_resize`` to ``mask_size``
-        (neco.eval.primitives.features.resize_mask)."""
+        (neco.eval.primitives.labels.resize_mask)."""
         return self.extractor.extract(
             self.dataset(split), image_size, mask_size, mean=mean, std=std, desc=f"features {split} {image_size}px",
             label_resize=label_resize, input_resize=input_resize,

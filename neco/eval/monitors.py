@@ -23,8 +23,9 @@ from omegaconf import OmegaConf
 
 from neco.errors import ConfigError
 from neco.eval.primitives.cluster_scoring import cluster_confusion, resolve_ks, score_clusters
-from neco.eval.primitives.features import FeatureExtractor, normalize, resize_image, resize_mask
+from neco.eval.primitives.features import FeatureExtractor, normalize, resize_image
 from neco.eval.primitives.kmeans import faiss_threads, kmeans_assign
+from neco.eval.primitives.labels import LEGACY_NEAREST, resize_label_map, resize_mask
 from neco.eval.primitives.pca import standardise_and_project
 from neco.loss.masks import attention_foreground, keep_mass
 
@@ -173,10 +174,11 @@ def attention_jaccards(
     size = masks.shape[-2:]
     masks = masks.long()
     attention = attention.float()
-    merged = attention_foreground(attention, threshold)[:, None].float()  # METHOD.md §6.6: reflect blur
-    merged = F.interpolate(merged, size=size, mode="nearest")[:, 0].bool()
-    per_head = keep_mass(attention.reshape(b * heads, 1, h, w), threshold).float()
-    per_head = F.interpolate(per_head, size=size, mode="nearest").view(b, heads, *size).bool()
+    merged = attention_foreground(attention, threshold)  # METHOD.md §6.6: reflect blur
+    # Token maps onto the masks with torch's nearest, as the reference callback.
+    merged = resize_label_map(merged, tuple(size), LEGACY_NEAREST)
+    per_head = keep_mass(attention.reshape(b * heads, 1, h, w), threshold).view(b, heads, h, w)
+    per_head = resize_label_map(per_head.bool(), tuple(size), LEGACY_NEAREST)
     if boundary_as_foreground or ignore_index is None:
         valid = torch.ones_like(masks, dtype=torch.bool)
     else:

@@ -240,7 +240,7 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
 
 
 def _figures(ctx, val, preds, size, num_classes, ignore, label_resize) -> list[str]:
-    from neco.eval.primitives.features import resize_mask
+    from neco.eval.primitives.labels import resize_mask
     from neco.viz import save_segmentation_figure
 
     n = preds.shape[0]

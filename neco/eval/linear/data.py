@@ -19,7 +19,6 @@ from neco.eval.primitives.pairs import AugmentedPairs
 __all__ = [
     "training_pairs",
     "train_subset",
-    "evaluated_count",
 ]
 
 
@@ -76,11 +75,3 @@ def train_subset(dataset, fraction: float, seed: int, out_file: Path | None = No
         out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_text("".join(f"{i}\n" for i in _image_ids(dataset, indices)))
     return indices
-
-
-def evaluated_count(n: int, batch_size: int, drop_last: bool) -> int:
-    """Images a sequential loader of ``batch_size`` visits: all, or only the full batches with ``drop_last``.
-
-    E.g. VOC val, 1,449 images at batch 128 with ``drop_last``: 11 batches, 1,408 images (METHOD.md §10.13).
-    """
-    return (n // batch_size) * batch_size if drop_last else n

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from neco.choices import LabelResize, MiouClasses
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
-from neco.eval.linear.data import evaluated_count, train_subset, training_pairs
+from neco.eval.linear.data import train_subset, training_pairs
 from neco.eval.linear.head import (
     TopK,
     confusion_on_features,
@@ -35,6 +35,7 @@ from neco.eval.linear.head import (
     make_head,
     masked_cross_entropy,
 )
+from neco.eval.primitives.batches import evaluated_count
 from neco.eval.primitives.features import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
 from neco.eval.primitives.labels import LEGACY_NEAREST
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from neco.choices import LabelResize, MiouClasses
 from neco.errors import ConfigError
 from neco.eval.context import EvalContext, ProtocolResult, options_dict, typed_options
+from neco.eval.primitives.batches import evaluated_count
 from neco.eval.primitives.cluster_scoring import cluster_confusion, resolve_ks, score_clusters
 from neco.eval.primitives.kmeans import faiss_threads, kmeans_assign
 from neco.eval.primitives.labels import tokens_to_mask
@@ -65,13 +66,6 @@ class OverclusterOptions:
     # legacy_nearest (torch's nearest, top-left source pixel of each cell: the reference) | centre (PIL's
     # nearest at cell centres). See neco/eval/primitives/labels.py.
     label_resize: LabelResize = LabelResize.legacy_nearest
-
-
-def evaluated_images(num_images: int, batch_size: int, drop_last_batch: bool) -> int:
-    """How many images the reference loader yields: whole batches only when it drops the last one."""
-    if not drop_last_batch:
-        return num_images
-    return (num_images // batch_size) * batch_size
 
 
 def _check(opts: OverclusterOptions) -> None:
@@ -189,7 +183,7 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
         raise ConfigError(f"eval.overcluster.ks: {err}") from err
     drop_last = opts.drop_last_batch if opts.drop_last_batch is not None else ctx.dataset_name in _DROPS_LAST_BATCH
     feats, masks = ctx.features(opts.split, opts.image_size, opts.mask_size, label_resize=opts.label_resize)
-    n = evaluated_images(feats.shape[0], opts.batch_size, drop_last)
+    n = evaluated_count(feats.shape[0], opts.batch_size, drop_last)
     if n == 0:
         raise ConfigError(f"eval.overcluster: {feats.shape[0]} images and drop_last_batch with batch_size "
                           f"{opts.batch_size} leave none to evaluate")

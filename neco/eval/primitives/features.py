@@ -5,7 +5,8 @@ projection head) of square-resized, ImageNet-normalised images, and the ground t
 neighbour to the input size and then, when asked, to a smaller evaluation size (100x100 in most protocols),
 each step with a named nearest rule (neco.eval.primitives.labels). A sweep over protocols therefore extracts each
 split once: the cache key is (weights, dataset, split, images, input size, mask size, resize rules,
-normalisation).
+normalisation, stored dtype). The quick check (neco.eval.quick) reads its features here too, with its own
+normalisation order and float32 storage.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST, resize_label_map
+from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST, resize_mask
 
 log = logging.getLogger(__name__)
 
@@ -38,26 +39,27 @@ def resize_image(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
 
 
-def resize_mask(mask, size: int, mask_size: int | None = None, label_resize: str = LEGACY_NEAREST,
-                input_resize: str = CENTRE) -> np.ndarray:
-    """Nearest resize of a label map to ``size``, then (if given) nearest again to ``mask_size``: METHOD.md §5.
-
-    ``input_resize``: how the loader brings the mask to the input size (NeCo's loaders resize the PIL mask:
-    ``centre``; the Hummingbird evaluator resizes a tensor: ``legacy_nearest``). ``label_resize``: how the
-    evaluation shrinks it to ``mask_size`` (the reference: torch's ``legacy_nearest``).
-    """
-    m = resize_label_map(np.asarray(mask, dtype=np.int32), size, input_resize)
-    if mask_size is not None and mask_size != size:
-        m = resize_label_map(m, mask_size, label_resize)
-    return np.ascontiguousarray(m)
+# The two orders of the normalisation arithmetic. They round differently: 61 % of the values of random uint8
+# images differ, by up to 2.4e-7 (one float32 step), enough to move a feature and a number by a hair.
+NORMALISE_UINT8 = "uint8"  # (x - 255 mean) / (255 std) on the raw values: the protocols and monitors
+NORMALISE_UNIT = "unit"  # x / 255, then (x - mean) / std: torchvision's ToTensor + Normalize; the quick check
+NORMALISE_ORDERS = (NORMALISE_UINT8, NORMALISE_UNIT)
+_DEFAULT_NUMERICS = {"normalise": NORMALISE_UINT8, "feature_dtype": str(torch.float16)}
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``uint8``-range ``(B, 3, H, W)`` or ``(3, H, W)`` float tensor in [0, 255] -> normalised float32."""
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], order: str = NORMALISE_UINT8
+              ) -> torch.Tensor:
+    """``uint8``-range ``(B, 3, H, W)`` or ``(3, H, W)`` float tensor in [0, 255] -> normalised float32.
+
+    ``order``: :data:`NORMALISE_UINT8` or :data:`NORMALISE_UNIT`, which arithmetic (the same up to rounding)."""
     shape = (3, 1, 1) if x.ndim == 3 else (1, 3, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape) * 255.0
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape) * 255.0
-    return (x.float() - mean_t) / std_t
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape)
+    if order == NORMALISE_UINT8:
+        return (x.float() - mean_t * 255.0) / (std_t * 255.0)
+    if order == NORMALISE_UNIT:
+        return (x.float() / 255.0 - mean_t) / std_t
+    raise ValueError(f"normalisation order must be one of {NORMALISE_ORDERS}, got {order!r}")
 
 
 class _ResizedPairs(Dataset):
@@ -97,9 +99,10 @@ class FeatureExtractor:
     :class:`neco.models.backbone.Backbone` contract). ``model_key`` identifies its weights in the cache key;
     leave ``cache_dir`` unset to disable caching.
 
-    :meth:`extract` returns CPU tensors: features ``float16 (N, h, w, D)`` (half the memory of float32; the
-    protocols compute in float32 on chunks) and masks ``uint8 (N, m, m)`` (every label set used here,
-    ignore ids included, fits in 0..255). Call ``.long()`` / ``.float()`` on the chunks you work on.
+    :meth:`extract` returns CPU tensors: features ``float16 (N, h, w, D)`` by default (half the memory of
+    float32; the protocols compute in float32 on chunks; ``feature_dtype`` keeps another dtype) and masks
+    ``uint8 (N, m, m)`` (every label set used here, ignore ids included, fits in 0..255). Call ``.long()`` /
+    ``.float()`` on the chunks you work on.
     """
 
     def __init__(
@@ -119,11 +122,14 @@ class FeatureExtractor:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.model_key, self.progress = model_key, progress
 
-    def _cache_path(self, dataset, indices, size, mask_size, mean, std, resize) -> Path | None:
+    def _cache_path(self, dataset, indices, size, mask_size, mean, std, resize, numerics) -> Path | None:
         if self.cache_dir is None:
             return None
-        key = json.dumps([self.model_key, dataset_fingerprint(dataset, indices), size, mask_size,
-                          list(mean), list(std), str(self.amp_dtype), list(resize)])
+        parts = [self.model_key, dataset_fingerprint(dataset, indices), size, mask_size,
+                 list(mean), list(std), str(self.amp_dtype), list(resize)]
+        # Only settings other than the defaults extend the key, so caches written without them stay valid.
+        changed = {k: v for k, v in numerics.items() if v != _DEFAULT_NUMERICS[k]}
+        key = json.dumps(parts + [changed] if changed else parts)
         name = f"{getattr(dataset, 'name', 'data')}_{getattr(dataset, 'split', '')}_{size}_{mask_size}"
         return self.cache_dir / f"{name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
 
@@ -138,13 +144,20 @@ class FeatureExtractor:
         desc: str = "features",
         label_resize: str = LEGACY_NEAREST,
         input_resize: str = CENTRE,
+        normalise: str = NORMALISE_UINT8,
+        feature_dtype: torch.dtype = torch.float16,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and masks; the masks' nearest rules as :func:`resize_mask` (part of the cache key)."""
+        """Features and masks; the masks' nearest rules as :func:`neco.eval.primitives.labels.resize_mask`,
+        the arithmetic order of the normalisation as :func:`normalize`, features stored as ``feature_dtype``
+        (all part of the cache key)."""
         indices = list(range(len(dataset))) if indices is None else list(indices)
         if not indices:
             raise ValueError(f"no images to extract features from ({desc})")
+        if normalise not in NORMALISE_ORDERS:
+            raise ValueError(f"normalisation order must be one of {NORMALISE_ORDERS}, got {normalise!r}")
         resize = (label_resize, input_resize)
-        path = self._cache_path(dataset, indices, image_size, mask_size, mean, std, resize)
+        numerics = {"normalise": normalise, "feature_dtype": str(feature_dtype)}
+        path = self._cache_path(dataset, indices, image_size, mask_size, mean, std, resize, numerics)
         if path is not None and path.is_file():
             try:
                 cached = torch.load(path, map_location="cpu", weights_only=True)
@@ -152,7 +165,8 @@ class FeatureExtractor:
                 return cached["features"], cached["masks"]
             except Exception as err:  # a truncated cache file is recomputed, never trusted
                 log.warning("features: ignoring unreadable cache file %s (%s)", path, err)
-        feats, masks = self._run(dataset, indices, image_size, mask_size, mean, std, desc, resize)
+        feats, masks = self._run(dataset, indices, image_size, mask_size, mean, std, desc, resize, normalise,
+                                 feature_dtype)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -160,7 +174,7 @@ class FeatureExtractor:
             os.replace(tmp, path)  # atomic: concurrent jobs never read a half-written file
         return feats, masks
 
-    def _run(self, dataset, indices, size, mask_size, mean, std, desc, resize):
+    def _run(self, dataset, indices, size, mask_size, mean, std, desc, resize, normalise, feature_dtype):
         loader = DataLoader(
             _ResizedPairs(dataset, indices, size, mask_size, *resize),
             batch_size=self.batch_size,
@@ -179,14 +193,14 @@ class FeatureExtractor:
         try:
             with torch.inference_mode(), autocast:
                 for x, m in loader:
-                    x = normalize(x.to(self.device, non_blocking=True), mean, std)
+                    x = normalize(x.to(self.device, non_blocking=True), mean, std, normalise)
                     out = model(x)
                     if out.ndim != 4 or out.shape[0] != x.shape[0]:
                         raise ValueError(f"model must return (B, h, w, D) patch features, got {tuple(out.shape)}")
                     if feats is None:  # preallocate: concatenating would hold every chunk twice
-                        feats = torch.empty((len(indices), *out.shape[1:]), dtype=torch.float16)
+                        feats = torch.empty((len(indices), *out.shape[1:]), dtype=feature_dtype)
                         masks = torch.empty((len(indices), *m.shape[1:]), dtype=torch.uint8)
-                    feats[start : start + len(out)] = out.to("cpu", torch.float16)
+                    feats[start : start + len(out)] = out.to("cpu", feature_dtype)
                     masks[start : start + len(out)] = m
                     start += len(out)
                     bar.update(len(out))

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
 from neco.data.crops import random_resized_crop_params
-from neco.eval.primitives.labels import LEGACY_NEAREST, resize_label_map
+from neco.eval.primitives.labels import CENTRE, LEGACY_NEAREST, resize_label_map
 
 __all__ = ["AugmentedPairs", "color_jitter", "item_generator", "RANDOM_SOURCES", "RESAMPLERS"]
 
@@ -157,15 +157,14 @@ class AugmentedPairs(Dataset):
         size = [self.size, self.size]
         x = TF.normalize(TF.to_tensor(img), list(self.mean), list(self.std))
         x = TF.resized_crop(x, top, left, h, w, size, InterpolationMode.BILINEAR, antialias=True)
-        # Labels travel as float32 through torch's nearest resize, as the reference's ToTensor-ed mask does.
-        m = TF.resized_crop(torch.from_numpy(mask)[None].float(), top, left, h, w, size, InterpolationMode.NEAREST)
-        return x, m[0].round().long()
+        # torchvision's resized_crop of the mask tensor (torch's nearest), as the reference's ToTensor-ed mask.
+        m = resize_label_map(mask, self.size, LEGACY_NEAREST, box=(left, top, left + w, top + h))
+        return x, torch.from_numpy(m).long()
 
     def _pil_crop(self, img, mask, top, left, h, w):
         box, size = (left, top, left + w, top + h), (self.size, self.size)
         x = np.asarray(img.crop(box).resize(size, Image.Resampling.BILINEAR))
-        # Mode "I" keeps every label value through the nearest resize.
-        m = np.asarray(Image.fromarray(mask).crop(box).resize(size, Image.Resampling.NEAREST))
+        m = resize_label_map(mask, size, CENTRE, box=box)  # PIL's crop(box).resize(NEAREST)
         # Copies: PIL's arrays are read-only.
         return torch.from_numpy(x.copy()).permute(2, 0, 1), torch.from_numpy(m.astype(np.int64))
 

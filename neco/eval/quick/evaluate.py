@@ -11,16 +11,13 @@ registers), which is the backbone contract of this project.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
-from tqdm.auto import tqdm
 
-from neco.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from neco.eval.primitives.features import NORMALISE_UNIT, FeatureExtractor, resize_image
 from neco.eval.primitives.kmeans import TooFewPoints, faiss_threads, kmeans_assign
 from neco.eval.primitives.knn import nn_retrieval_miou, patch_label_histograms
 from neco.eval.primitives.labels import CENTRE, resize_label_map
@@ -37,10 +34,7 @@ from neco.eval.primitives.pca import standardise_and_project
 QUICK_PCA = dict(constant_dims="eps", eps=1e-5, precision="float64", pca_sample="faiss")
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "load_eval_batch",
-    "extract_dense_features",
+    "quick_features",
     "patch_label_histograms",
     "nn_retrieval_miou",
     "kmeans_miou",
@@ -49,33 +43,13 @@ __all__ = [
 
 
 
-def load_eval_batch(dataset, indices: Sequence[int], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``(B, 3, S, S)`` (antialiased bilinear, ImageNet-normalised), masks ``(B, S, S)`` (nearest).
-
-    Resizing is done by PIL, as the reference loaders do (its bilinear filter widens with the scale, i.e. is
-    antialiased), and the arithmetic on the stacked batch: per-image torch ops on small tensors are dominated
-    by thread-pool overhead on a busy CPU.
-    """
-    images, masks = [], []
-    for i in indices:
-        img, mask = dataset[i]
-        img = img.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-        images.append(np.asarray(img))
-        mask = Image.fromarray(np.asarray(mask, dtype=np.int32))  # mode "I": any label value survives
-        masks.append(np.asarray(mask.resize((image_size, image_size), Image.Resampling.NEAREST)))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std), torch.from_numpy(np.stack(masks)).long()
-
-
 def _show_progress(progress: bool | None) -> bool:
     if progress is None:
         return sys.stderr.isatty()
     return progress
 
 
-def extract_dense_features(
+def quick_features(
     model: torch.nn.Module,
     dataset,
     image_size: int,
@@ -84,39 +58,18 @@ def extract_dense_features(
     amp_dtype: torch.dtype | None = None,
     progress: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` over ``dataset``; returns CPU features ``(N, h, w, D)`` float32 and masks ``(N, S, S)``.
+    """CPU features ``float32 (N, h, w, D)`` and masks ``int64 (N, S, S)`` of the whole ``dataset``.
 
-    The model is put in eval mode for the pass and restored to its previous mode afterwards, so the trainer
-    can call this in the middle of a run.
+    The shared extractor (neco.eval.primitives.features) with the quick check's settings: images resized by PIL
+    (antialiased bilinear), normalised in torchvision's order (``x / 255``, then mean and std), features kept
+    in float32, masks resized once, with PIL's nearest (``centre``), to the input size. The model's mode is
+    restored afterwards, so the trainer can call this in the middle of a run.
     """
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    feats, masks = [], []
-    n = len(dataset)
-    bar = tqdm(total=n, desc="features", unit="img", disable=not _show_progress(progress), leave=False)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=amp_dtype)
-        if amp_dtype is not None
-        else contextlib.nullcontext()
-    )
-    try:
-        with torch.inference_mode(), autocast:
-            for start in range(0, n, batch_size):
-                idx = range(start, min(start + batch_size, n))
-                x, m = load_eval_batch(dataset, idx, image_size)
-                out = model(x.to(device, non_blocking=True))
-                if out.ndim != 4 or out.shape[0] != len(idx):
-                    raise ValueError(f"model must return (B, h, w, D) patch features, got {tuple(out.shape)}")
-                feats.append(out.float().cpu())
-                masks.append(m)
-                bar.update(len(idx))
-    finally:
-        bar.close()
-        model.train(was_training)
-    if not feats:
-        raise ValueError("empty dataset")
-    return torch.cat(feats), torch.cat(masks)
+    extractor = FeatureExtractor(model, device=device, amp_dtype=amp_dtype, batch_size=batch_size,
+                                 progress=_show_progress(progress))
+    feats, masks = extractor.extract(dataset, image_size, input_resize=CENTRE, normalise=NORMALISE_UNIT,
+                                     feature_dtype=torch.float32)
+    return feats, masks.long()
 
 
 def kmeans_miou(
@@ -155,7 +108,7 @@ def kmeans_miou(
     for seed in seeds:
         with faiss_threads(threads):
             assign, _ = kmeans_assign(x, k, niter=niter, nredo=nredo, seed=int(seed), init=init, restarts="reseeded")
-        # Centre sampling, as the PIL-resized masks it is compared with (load_eval_batch).
+        # Centre sampling, as the PIL-resized masks it is compared with (quick_features).
         clusters = resize_label_map(torch.from_numpy(assign.reshape(n, h, w).astype(np.int64)), size, CENTRE)
         conf = confusion_matrix(clusters, val_masks, k, num_classes, ignore_index)
         mapping = hungarian_match(conf) if k == num_classes else many_to_one_match(conf, "precision")
@@ -199,8 +152,9 @@ def quick_evaluate(
 ) -> dict:
     """NN-retrieval and k-means mIoU of ``model`` on ``val_set`` (memory from ``train_set``), as flat keys.
 
-    The result holds only scalars (``nn/miou``, ``nn/pixel_acc``, ``kmeans/miou``, ``kmeans/pixel_acc``) so a
-    metrics logger can take it as is; ``per_class=True`` adds the per-class IoU lists (``*/per_class_iou``).
+    The result holds only scalars (``nn/miou``, ``nn/pixel_acc``, ``kmeans/miou``, ``kmeans/pixel_acc``, all in
+    percent, as every protocol reports them) so a metrics logger can take it as is; ``per_class=True`` adds the
+    per-class IoU lists (``*/per_class_iou``, percent).
 
     With ``figure_path``, a PNG of the first ``figure_images`` val images (image / truth / NN / k-means) is
     written there.
@@ -209,8 +163,8 @@ def quick_evaluate(
     extract = dict(
         image_size=image_size, batch_size=batch_size, device=device, amp_dtype=amp_dtype, progress=progress
     )
-    train_feats, train_masks = extract_dense_features(model, train_set, **extract)
-    val_feats, val_masks = extract_dense_features(model, val_set, **extract)
+    train_feats, train_masks = quick_features(model, train_set, **extract)
+    val_feats, val_masks = quick_features(model, val_set, **extract)
     n_fig = min(figure_images, len(val_set)) if figure_path else 0
     common = dict(ignore_index=ignore_index, num_predictions=n_fig)
     nn = nn_retrieval_miou(
@@ -219,21 +173,21 @@ def quick_evaluate(
     km_args = dict(k=kmeans_k, seeds=kmeans_seeds, niter=kmeans_niter, pca_dim=pca_dim)
     km = kmeans_miou(val_feats, val_masks, num_classes, **km_args, **common)
     out = {}
-    for prefix, res in (("nn", nn), ("kmeans", km)):
-        out[f"{prefix}/miou"] = res["miou"]
-        out[f"{prefix}/pixel_acc"] = res["pixel_acc"]
+    for prefix, res in (("nn", nn), ("kmeans", km)):  # the scorers' fractions, in % as every protocol's
+        out[f"{prefix}/miou"] = 100.0 * res["miou"]
+        out[f"{prefix}/pixel_acc"] = 100.0 * res["pixel_acc"]
         if per_class:
-            out[f"{prefix}/per_class_iou"] = res["per_class_iou"]
+            out[f"{prefix}/per_class_iou"] = [100.0 * v for v in res["per_class_iou"]]
     if n_fig:
         # Imported here so that evaluation without figures never touches matplotlib.
         from neco.viz import save_segmentation_figure
 
-        images, masks = load_eval_batch(val_set, range(n_fig), image_size)
+        images = [resize_image(val_set[i][0], image_size) for i in range(n_fig)]
         save_segmentation_figure(
             images,
-            masks,
-            {f"NN retrieval (mIoU {100 * nn['miou']:.1f}%)": nn["predictions"],
-             f"k-means (mIoU {100 * km['miou']:.1f}%)": km["predictions"]},
+            val_masks[:n_fig],
+            {f"NN retrieval (mIoU {out['nn/miou']:.1f}%)": nn["predictions"],
+             f"k-means (mIoU {out['kmeans/miou']:.1f}%)": km["predictions"]},
             figure_path,
             num_classes=num_classes,
             ignore_index=ignore_index,

@@ -39,6 +39,6 @@ def run(ctx: EvalContext, cfg) -> ProtocolResult:
         nn_k=opts.num_neighbours, temperature=opts.temperature, kmeans_seeds=opts.kmeans_seeds,
         figure_path=str(figure), figure_images=ctx.num_figures, per_class=True, progress=ctx.progress,
     )
-    scalars = {k: 100.0 * v for k, v in metrics.items() if isinstance(v, float)}
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}  # in % already
     extra = {k: v for k, v in metrics.items() if not isinstance(v, float)}
     return ProtocolResult(metrics=scalars, options=options_dict(opts), figures=[str(figure)], extra=extra)
