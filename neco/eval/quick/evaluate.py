@@ -19,7 +19,6 @@ import torch
 
 from neco.eval.primitives.features import NORMALISE_UNIT, FeatureExtractor, resize_image
 from neco.eval.primitives.kmeans import TooFewPoints, faiss_threads, kmeans_assign
-from neco.eval.primitives.knn import nn_retrieval_miou, patch_label_histograms
 from neco.eval.primitives.labels import CENTRE, resize_label_map
 from neco.eval.primitives.metrics import (
     confusion_matrix,
@@ -29,6 +28,7 @@ from neco.eval.primitives.metrics import (
     remap_confusion,
 )
 from neco.eval.primitives.pca import standardise_and_project
+from neco.eval.quick.retrieval import nn_retrieval_miou, patch_label_histograms
 
 # (x - mean) / (std + 1e-5) in float64, PCA fitted on the rows faiss samples itself (neco.eval.primitives.pca).
 QUICK_PCA = dict(constant_dims="eps", eps=1e-5, precision="float64", pca_sample="faiss")
