@@ -35,7 +35,7 @@ NAMES = {
 
 
 def fraction_in_percent(metric: str) -> bool:
-    """The quick check (training-time ``eval=quick``) stores mIoU and accuracies as fractions: shown in %.
+    """The quick check (training-time ``monitor=quick``) stores mIoU and accuracies as fractions: shown in %.
 
     The evaluation protocols (``python -m neco.eval``) store them in % already, and are shown as stored."""
     last = metric.rsplit("/", 1)[-1]
