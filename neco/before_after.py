@@ -1,4 +1,4 @@
-"""The quickstart's evaluation before and after post-training (``eval=quick``).
+"""The quickstart's evaluation before and after post-training (``monitor=quick``).
 
 Each call measures one state of the networks: dense NN retrieval and k-means mIoU (in %) on the synthetic
 validation split (with a segmentation figure), the NeCo loss on held-out crops, and the query-patch similarity
@@ -29,8 +29,8 @@ class BeforeAfterEvaluator:
         self.cfg, self.run_dir, self.device, self.amp_dtype = cfg, Path(run_dir), device, amp_dtype
         self.student, self.teacher, self.objective = student, teacher, objective
         size, seed = cfg.data.synthetic_size, cfg.data.synthetic_seed
-        self.memory = SyntheticScenes("train", num_images=cfg.eval.train_images, image_size=size, seed=seed)
-        self.val = SyntheticScenes("val", num_images=cfg.eval.val_images, image_size=size, seed=seed)
+        self.memory = SyntheticScenes("train", num_images=cfg.monitor.train_images, image_size=size, seed=seed)
+        self.val = SyntheticScenes("val", num_images=cfg.monitor.val_images, image_size=size, seed=seed)
         # Held-out crops: the validation scenes through the training transform, never seen in training.
         held_out = SyntheticTrain(build_multicrop(cfg.data), split="val",
                                   num_images=HELDOUT_BATCHES * cfg.data.batch_size, image_size=size, seed=seed)
@@ -44,9 +44,9 @@ class BeforeAfterEvaluator:
 
         figures = self.run_dir / "figures"
         figures.mkdir(parents=True, exist_ok=True)
-        metrics = quick_evaluate(backbone, self.memory, self.val, self.cfg.eval.image_size, self.device,
+        metrics = quick_evaluate(backbone, self.memory, self.val, self.cfg.monitor.image_size, self.device,
                                  amp_dtype=self.amp_dtype, figure_path=str(figures / f"segmentation_{tag}.png"),
-                                 figure_images=self.cfg.eval.num_figures, progress=self.cfg.logger.progress,
+                                 figure_images=self.cfg.monitor.num_figures, progress=self.cfg.logger.progress,
                                  figure_title=f"{self._state(tag)}: synthetic validation images, truth and "
                                               f"predictions (mIoU over all {len(self.val)} images)")
         metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
@@ -64,7 +64,7 @@ class BeforeAfterEvaluator:
         from neco.eval.quick.evaluate import quick_features
         from neco.viz_neighbours import class_ranking_auc, patch_labels, pick_queries, similarity_maps
 
-        size = self.cfg.eval.image_size
+        size = self.cfg.monitor.image_size
         feats, masks = quick_features(backbone, self.val, size, device=self.device, amp_dtype=self.amp_dtype,
                                       progress=False)
         labels = patch_labels(masks, feats.shape[1:3])
@@ -88,7 +88,7 @@ class BeforeAfterEvaluator:
             log.warning("similarity figure skipped: the validation split changed since the 'before' evaluation")
             return
         now = torch.stack([maps[index[(q.image, q.row, q.col)]] for q in shown])
-        size = self.cfg.eval.image_size
+        size = self.cfg.monitor.image_size
         images = [resize_image(self.val[i][0], size) for i in range(max(q.image for q in shown) + 1)]
         name = "after NeCo" if tag == "after" else tag
         save_similarity_figure(images, labels, shown, before["maps"], now, self.run_dir / "figures" /

@@ -53,7 +53,7 @@ EmaTiming = _choice("EmaTiming", "before_step", "after_step")
 ZeroLossStep = _choice("ZeroLossStep", "advance", "hold")
 
 # eval.* of training, logger.*, top level
-TrainEval = _choice("TrainEval", "none", "quick", "kmeans_monitor", "attn_monitor")
+MonitorName = _choice("MonitorName", "none", "quick", "kmeans", "attention")
 # neco.data.eval_datasets.EVAL_DATASETS (tests check they agree)
 EvalDataset = _choice("EvalDataset", "voc", "coco_stuff", "coco_things", "ade20k", "cityscapes", "synthetic")
 LoggerName = _choice("LoggerName", "jsonl", "wandb")

@@ -28,6 +28,7 @@ from neco.choices import (
     LoggerName,
     LossMask,
     MaskBlurPadding,
+    MonitorName,
     Precision,
     QueueCounter,
     References,
@@ -36,7 +37,6 @@ from neco.choices import (
     Sorter,
     SortNetwork,
     TeacherHeadInit,
-    TrainEval,
     WandbMode,
     ZeroLossStep,
 )
@@ -151,10 +151,11 @@ class OptimConfig:
 
 
 @dataclass
-class EvalConfig:
-    # none | quick (dense NN retrieval + k-means on the synthetic validation split) | kmeans_monitor (METHOD.md §6.1)
-    # | attn_monitor (METHOD.md §6.6; teacher attention, never run by the reference because of a config bug, §10.5)
-    name: TrainEval = TrainEval.none
+class MonitorConfig:
+    # What training evaluates along the way (`monitor=`): none | quick (dense NN retrieval + k-means on the synthetic
+    # validation split) | kmeans (METHOD.md §6.1) | attention (METHOD.md §6.6; teacher attention, never run by the
+    # reference because of a config bug, §10.5). `python -m neco.eval` has its own `eval=<protocol>` group.
+    name: MonitorName = MonitorName.none
     before_training: bool = True
     after_training: bool = True
     every_n_epochs: int = 0  # 0: only before/after
@@ -219,7 +220,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     run_name: str = "run"

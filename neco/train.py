@@ -207,15 +207,15 @@ def _train(cfg: DictConfig, run_dir: Path, lock: Optional[RunLock]) -> tuple[dic
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     logger = MetricsLogger(run_dir, cfg.logger, plain, run_id=run_id) if main_process else _NoLogger()
     evaluator = None
-    if cfg.eval.name == "quick" and main_process:
+    if cfg.monitor.name == "quick" and main_process:
         from neco.before_after import BeforeAfterEvaluator
 
         evaluator = BeforeAfterEvaluator(cfg, run_dir, device, amp_dtype, student, teacher, objective)
-    elif cfg.eval.name in ("kmeans_monitor", "attn_monitor") and main_process:
+    elif cfg.monitor.name in ("kmeans", "attention") and main_process:
         from neco.eval.monitors import build_monitor
 
         # Built now, so that a missing evaluation dataset stops the run before the first step.
-        evaluator = build_monitor(cfg.eval, cfg.data, cfg.paths, device=device, amp_dtype=amp_dtype,
+        evaluator = build_monitor(cfg.monitor, cfg.data, cfg.paths, device=device, amp_dtype=amp_dtype,
                                   progress=cfg.logger.progress, run_dir=run_dir)
     requeue = DeferredRequeue.install()  # in a submitit job: checkpoint at a step boundary, then requeue
     graceful = GracefulStop.install()  # SIGTERM, Ctrl-C: checkpoint at a step boundary, then exit

@@ -58,7 +58,7 @@ PROTOCOL_CHOICES = [(p, k, t) for p, schema in PROTOCOLS.items() for k, t in cho
 def test_the_known_silent_options_are_typed():
     keys = {k for k, _ in TRAIN}
     assert {"optim.ema_timing", "optim.zero_loss_step", "loss.distribution", "loss.mask", "precision",
-            "logger.name", "data.on_bad_image", "backbone.drop_path_mode", "eval.name"} <= keys
+            "logger.name", "data.on_bad_image", "backbone.drop_path_mode", "monitor.name"} <= keys
     assert {("hummingbird", "memory_norm"), ("linear", "label_resize"), ("unsup_seg", "angles")} <= {
         (p, k) for p, k, _ in PROTOCOL_CHOICES}
 

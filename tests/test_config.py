@@ -37,7 +37,7 @@ def test_every_protocol_composes_for_evaluation():
     from neco.eval.context import typed_options
     from neco.eval.runner import PROTOCOLS as REGISTERED
 
-    assert set(PROTOCOLS) == set(REGISTERED) - {"quick"}
+    assert set(PROTOCOLS) == set(REGISTERED)
     cfg = _compose([f"eval=[{','.join(PROTOCOLS)}]"], config="evaluate")
     for name in PROTOCOLS:
         module = importlib.import_module(REGISTERED[name])
@@ -47,8 +47,12 @@ def test_every_protocol_composes_for_evaluation():
         for dataset in ["voc", *options.get("per_dataset", {})]:
             typed_options(schema, options, dataset, name)
         defaults = OmegaConf.to_container(OmegaConf.structured(schema))
-        listed = {k: v for k, v in options.items() if k != "per_dataset"}
+        # Values that follow another setting (the quick check's sizes follow the training preset's monitor) are
+        # checked against that setting instead.
+        follows = {k for k in options if OmegaConf.is_interpolation(cfg.eval[name], k)}
+        listed = {k: v for k, v in options.items() if k != "per_dataset" and k not in follows}
         assert listed == {k: defaults[k] for k in listed}, name
+        assert all(options[k] == cfg.monitor[k] for k in follows), name
 
 
 def test_every_experiment_composes_for_evaluation():
@@ -57,7 +61,7 @@ def test_every_experiment_composes_for_evaluation():
         assert "overcluster" in cfg.eval
 
 
-@pytest.mark.parametrize("group", ["backbone", "data", "loss", "optim", "eval", "logger", "paths", "debug",
+@pytest.mark.parametrize("group", ["backbone", "data", "loss", "optim", "monitor", "logger", "paths", "debug",
                                    "experiment"])
 def test_every_option_composes(group):
     for option in _options(group):
@@ -144,7 +148,7 @@ def test_ablation_presets_match_spec(name):
 
 def test_quickstart_preset_is_small():
     cfg = _compose(["experiment=quickstart"])
-    assert cfg.backbone.name == "vit_tiny" and cfg.data.name == "synthetic" and cfg.eval.name == "quick"
+    assert cfg.backbone.name == "vit_tiny" and cfg.data.name == "synthetic" and cfg.monitor.name == "quick"
     assert Path(cfg.backbone.weights).is_file(), "the quickstart's starting checkpoint ships with the package"
 
 

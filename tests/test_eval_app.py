@@ -57,8 +57,8 @@ def test_quick_protocol_on_a_training_checkpoint(tmp_path):
     # The teacher is deliberately different: the default (student) must be the one evaluated.
     teacher = {k: torch.zeros_like(v) if k.endswith("pos_embed") else v for k, v in state.items()}
     torch.save({"student": state, "teacher": teacher, "step": 3}, ckpt)
-    args = ["experiment=quickstart", f"checkpoint={ckpt}", "eval.train_images=32",
-            "eval.val_images=16", "eval.image_size=64", "num_workers=0", "num_figures=2"]
+    args = ["experiment=quickstart", "eval=quick", f"checkpoint={ckpt}", "eval.quick.train_images=32",
+            "eval.quick.val_images=16", "eval.quick.image_size=64", "num_workers=0", "num_figures=2"]
     proc = _run(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dirs = list((tmp_path / "out" / "eval" / "quickstart").iterdir())

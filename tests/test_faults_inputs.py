@@ -23,7 +23,7 @@ from neco.eval.config import EvalAppConfig
 from neco.overrides import check_overrides, unknown_key_message, unknown_option_message
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["experiment=quickstart", "backbone.weights=random", "eval.name=none", "logger.progress=false",
+TINY = ["experiment=quickstart", "backbone.weights=random", "monitor.name=none", "logger.progress=false",
         "data.batch_size=2", "data.global_size=32", "data.local_size=16", "loss.roi_size=3",
         "loss.head.hidden_dim=32", "loss.head.out_dim=16", "max_steps=1"]
 

@@ -86,7 +86,7 @@ def test_resume_refuses_nan_and_damaged_checkpoints(files):
     assert load_checkpoint(files["good_run"])["step"] == 3
 
 
-TRAIN = ["experiment=quickstart", "eval.name=none", "logger.progress=false", "data.batch_size=2",
+TRAIN = ["experiment=quickstart", "monitor.name=none", "logger.progress=false", "data.batch_size=2",
          "data.synthetic_images=4", "data.synthetic_size=48", "data.global_size=32", "data.local_size=16",
          "loss.roi_size=3", "loss.head.hidden_dim=32", "loss.head.out_dim=16", "max_steps=1"]
 EVAL = ["data=synthetic", "backbone=vit_tiny", "logger.progress=false"]

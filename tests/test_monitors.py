@@ -162,8 +162,8 @@ TINY = [
     "experiment=quickstart", "backbone.weights=random", "logger.progress=false", "data.batch_size=2",
     "data.synthetic_images=4", "data.synthetic_size=32", "data.global_size=32", "data.local_size=16",
     "loss.roi_size=3", "loss.head.hidden_dim=32", "loss.head.out_dim=16", "logger.log_every=1", "optim.epochs=1",
-    "max_steps=2", "eval.dataset=synthetic", "eval.val_images=3", "eval.image_size=32", "eval.every_n_steps=1",
-    "eval.num_figures=0",
+    "max_steps=2", "monitor.dataset=synthetic", "monitor.val_images=3", "monitor.image_size=32",
+    "monitor.every_n_steps=1", "monitor.num_figures=0",
 ]
 
 
@@ -180,8 +180,8 @@ def _eval_tags(records, key):
 
 
 def test_training_with_the_kmeans_monitor(tmp_path):
-    records = _train(tmp_path, "eval=kmeans_monitor", "eval.mask_size=16", "eval.ks=[classes,10]",
-                     "eval.kmeans_iters=5", "eval.kmeans_restarts=1", "eval.max_images=2")
+    records = _train(tmp_path, "monitor=kmeans", "monitor.mask_size=16", "monitor.ks=[classes,10]",
+                     "monitor.kmeans_iters=5", "monitor.kmeans_restarts=1", "monitor.max_images=2")
     # Before, after the first step (not after the last: that is the "after" evaluation), after.
     assert _eval_tags(records, "/kmeans/k7/miou") == ["before", "step1", "after"]
     assert any("eval/after/kmeans/k10/class/background/recall" in r for r in records)
@@ -196,14 +196,14 @@ def test_training_with_the_attention_monitor_reads_the_teacher(tmp_path, monkeyp
         return original(self, backbone, tag)
 
     monkeypatch.setattr(AttentionMonitor, "__call__", spy)
-    records = _train(tmp_path, "eval=attn_monitor", "eval.every_n_steps=0")
+    records = _train(tmp_path, "monitor=attention", "monitor.every_n_steps=0")
     assert _eval_tags(records, "/attn/jaccard_merged") == ["before", "after"]
     assert seen == [False, False]
 
 
 def test_monitor_options_fail_clearly(tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=TINY + ["eval=kmeans_monitor", "eval.ks=[classs]"])
-    with pytest.raises(ConfigError, match="eval.ks"):
-        monitors.build_monitor(cfg.eval, cfg.data, cfg.paths, device="cpu", amp_dtype=None, progress=False,
+        cfg = compose("train", overrides=TINY + ["monitor=kmeans", "monitor.ks=[classs]"])
+    with pytest.raises(ConfigError, match="monitor.ks"):
+        monitors.build_monitor(cfg.monitor, cfg.data, cfg.paths, device="cpu", amp_dtype=None, progress=False,
                                run_dir=tmp_path)

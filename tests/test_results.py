@@ -42,12 +42,13 @@ def test_concurrent_appends_lose_nothing(tmp_path):
 
 def test_protocol_selection():
     assert list(selected_protocols({"overcluster": {}, "linear": {"epochs": 2}})) == ["overcluster", "linear"]
-    # A training preset's quick-eval settings select the quick protocol with those sizes.
-    quick = selected_protocols({"name": "quick", "image_size": 96, "before_training": True})
-    assert quick == {"quick": {"image_size": 96}}
+    assert selected_protocols({"quick": {"image_size": 96}}) == {"quick": {"image_size": 96}}
     with pytest.raises(ConfigError, match="unknown protocol"):
         selected_protocols({"hummingbrd": {}})
     with pytest.raises(ConfigError, match="no evaluation protocol"):
-        selected_protocols({"name": "none"})
+        selected_protocols({})
+    # A training monitor setting under eval is named as such, with where it belongs.
+    with pytest.raises(ConfigError, match=r"eval.image_size: not an evaluation protocol; .* monitor.image_size"):
+        selected_protocols({"quick": {}, "image_size": 96})
     with pytest.raises(ConfigError, match="eval.k"):
         selected_protocols({"overcluster": {}, "k": 3})

@@ -94,8 +94,8 @@ def reference(cluster, tmp_path_factory):
 
 @pytest.mark.slurm
 def test_quickstart_through_submitit(cluster, tmp_path):
-    small_eval = ["eval.name=quick", "eval.train_images=8", "eval.val_images=4", "eval.image_size=32",
-                  "eval.num_figures=1"]
+    small_eval = ["monitor.name=quick", "monitor.train_images=8", "monitor.val_images=4", "monitor.image_size=32",
+                  "monitor.num_figures=1"]
     job, run_dir = submit([LOCAL, *TINY, *small_eval, f"paths.output_dir={tmp_path}"])
     result = wait(job)
     assert run_dir == tmp_path / "runs" / "quickstart" and result["step"] == 8
@@ -218,9 +218,9 @@ def test_evaluation_sweep_on_slurm_fills_one_results_table(cluster, tmp_path):
     """`python -m neco.eval -m` as a SLURM job array: each job writes its results.json and both append their rows
     to the shared table at about the same time."""
     proc = subprocess.run(
-        [sys.executable, "-m", "neco.eval", "-m", LOCAL, "experiment=quickstart", "eval.train_images=16",
-         "eval.val_images=8", "eval.image_size=48,64", "num_workers=0", "num_figures=2", "logger.progress=false",
-         f"paths.output_dir={tmp_path}"],
+        [sys.executable, "-m", "neco.eval", "-m", LOCAL, "experiment=quickstart", "eval=quick",
+         "eval.quick.train_images=16", "eval.quick.val_images=8", "eval.quick.image_size=48,64", "num_workers=0",
+         "num_figures=2", "logger.progress=false", f"paths.output_dir={tmp_path}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = sorted((tmp_path / "eval_multirun" / "quickstart").glob("*/*/results.json"))

@@ -21,7 +21,8 @@ TINY = [
     "experiment=quickstart", "backbone.weights=random", "logger.progress=false", "data.batch_size=2",
     "data.synthetic_images=8", "data.synthetic_size=48", "data.global_size=32", "data.local_size=16",
     "loss.roi_size=3", "loss.head.hidden_dim=32", "loss.head.out_dim=16", "optim.epochs=1",
-    "eval.name=quick", "eval.image_size=32", "eval.train_images=8", "eval.val_images=8", "eval.num_figures=2",
+    "monitor.name=quick", "monitor.image_size=32", "monitor.train_images=8", "monitor.val_images=8",
+    "monitor.num_figures=2",
 ]
 
 

@@ -15,7 +15,7 @@ from neco.train import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = [
-    "experiment=quickstart", "backbone.weights=random", "eval.name=none", "logger.progress=false",
+    "experiment=quickstart", "backbone.weights=random", "monitor.name=none", "logger.progress=false",
     "data.batch_size=2", "data.synthetic_images=8", "data.synthetic_size=48", "data.global_size=32",
     "data.local_size=16", "loss.roi_size=3", "loss.head.hidden_dim=32", "loss.head.out_dim=16",
     "logger.log_every=1", "optim.epochs=2",

@@ -23,7 +23,8 @@ from neco.engine.checkpoint import ResumeError
 # compile: a run started with sparse (the earlier default) resumes under auto, and on another device.
 MAY_CHANGE = (
     "max_steps", "checkpoint_every", "keep_checkpoints", "resume", "resume_force", "run_name", "device",
-    "compile", "loss.sorter", "logger.", "paths.", "eval.", "data.num_workers",
+    "compile", "loss.sorter", "logger.", "paths.", "monitor.", "data.num_workers",
+    "eval.",  # the monitor settings' name in checkpoints written before `monitor` had its own group
     "backbone.weights", "backbone.strict", "backbone.checkpoint_model",
 )
 

@@ -35,14 +35,14 @@ class TrainerSettings:
     keep_checkpoints: int  # keep_checkpoints
     log_every: int  # logger.log_every
     progress: bool  # logger.progress
-    eval_before_training: bool  # eval.before_training
-    eval_after_training: bool  # eval.after_training
-    eval_every_n_epochs: int  # eval.every_n_epochs
-    eval_every_n_steps: int  # eval.every_n_steps
+    eval_before_training: bool  # monitor.before_training
+    eval_after_training: bool  # monitor.after_training
+    eval_every_n_epochs: int  # monitor.every_n_epochs
+    eval_every_n_steps: int  # monitor.every_n_steps
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> TrainerSettings:
-        optim, data, loss, logger, monitor = cfg.optim, cfg.data, cfg.loss, cfg.logger, cfg.eval
+        optim, data, loss, logger, monitor = cfg.optim, cfg.data, cfg.loss, cfg.logger, cfg.monitor
         return cls(
             epochs=optim.epochs, max_steps=cfg.max_steps, accumulate=optim.accumulate, grad_clip=optim.grad_clip,
             ema_timing=optim.ema_timing, zero_loss_step=optim.zero_loss_step, num_global=data.num_global,

@@ -1,7 +1,7 @@
 """Monitors the trainer runs during training: the k-means monitor (METHOD.md §6.1) and the attention maps
 (METHOD.md §6.6).
 
-Selected with ``eval=kmeans_monitor`` or ``eval=attn_monitor`` (options in ``EvalConfig``), they are called as
+Selected with ``monitor=kmeans`` or ``monitor=attention`` (options in ``MonitorConfig``), they are called as
 ``monitor(backbone, tag) -> {name: float}`` before/after training and every ``every_n_epochs`` epochs or
 ``every_n_steps`` steps; the trainer logs the values as ``eval/<tag>/<name>``. IoU-type numbers (mIoU, pixel
 accuracy, Jaccard) are in percent, the rest (precision, recall, fraction of clusters) are fractions.
@@ -31,7 +31,7 @@ from neco.loss.masks import attention_foreground, keep_mass
 
 log = logging.getLogger("neco")
 
-MONITORS = ("kmeans_monitor", "attn_monitor")
+MONITORS = ("kmeans", "attention")
 # (x - mean) / (std + 1e-5) as the reference monitor (METHOD.md §6.1); the rest as neco.eval.primitives.pca notes.
 MONITOR_PCA = dict(constant_dims="eps", eps=1e-5, precision="float32", pca_sample="numpy")
 
@@ -248,37 +248,38 @@ class AttentionMonitor:
 
 # ------------------------------------------------------------------------------------------------ building
 
-def monitor_dataset(eval_cfg, data_cfg, paths_cfg):
+def monitor_dataset(monitor_cfg, data_cfg, paths_cfg):
     """The split a monitor reads: generated synthetic scenes, or an evaluation dataset under ``paths``."""
-    if eval_cfg.dataset == "synthetic":
+    if monitor_cfg.dataset == "synthetic":
         from neco.data.synthetic import SyntheticScenes
 
-        return SyntheticScenes(eval_cfg.split, num_images=eval_cfg.val_images, image_size=data_cfg.synthetic_size,
+        return SyntheticScenes(monitor_cfg.split, num_images=monitor_cfg.val_images, image_size=data_cfg.synthetic_size,
                                seed=data_cfg.synthetic_seed)
     from neco.data.eval_datasets import build_eval_dataset
 
     roots = OmegaConf.to_container(paths_cfg, resolve=True) if OmegaConf.is_config(paths_cfg) else dict(paths_cfg)
-    return build_eval_dataset(eval_cfg.dataset, eval_cfg.split, roots)
+    return build_eval_dataset(monitor_cfg.dataset, monitor_cfg.split, roots)
 
 
-def build_monitor(eval_cfg, data_cfg, paths_cfg, *, device, amp_dtype, progress: bool, run_dir):
-    """``KMeansMonitor`` or ``AttentionMonitor`` from the training config's ``eval`` (``EvalConfig``)."""
-    dataset = monitor_dataset(eval_cfg, data_cfg, paths_cfg)
-    if eval_cfg.name == "kmeans_monitor":
+def build_monitor(monitor_cfg, data_cfg, paths_cfg, *, device, amp_dtype, progress: bool, run_dir):
+    """``KMeansMonitor`` or ``AttentionMonitor`` from the training config's ``monitor`` (``MonitorConfig``)."""
+    dataset = monitor_dataset(monitor_cfg, data_cfg, paths_cfg)
+    if monitor_cfg.name == "kmeans":
         try:
-            resolve_ks(list(eval_cfg.ks), dataset.num_classes)
+            resolve_ks(list(monitor_cfg.ks), dataset.num_classes)
         except ValueError as err:
-            raise ConfigError(f"eval.ks: {err}") from err
-    common = dict(image_size=eval_cfg.image_size, max_images=eval_cfg.max_images, device=device,
-                  amp_dtype=amp_dtype, batch_size=eval_cfg.batch_size, figure_dir=Path(run_dir) / "figures",
-                  num_figures=eval_cfg.num_figures)
-    if eval_cfg.name == "kmeans_monitor":
-        return KMeansMonitor(dataset, mask_size=eval_cfg.mask_size, ks=list(eval_cfg.ks), pca_dim=eval_cfg.pca_dim,
-                             pca_max_points=eval_cfg.pca_max_points, iters=eval_cfg.kmeans_iters,
-                             restarts=eval_cfg.kmeans_restarts, seed=eval_cfg.kmeans_seed,
-                             per_class=eval_cfg.per_class, threads=eval_cfg.faiss_threads, progress=progress,
+            raise ConfigError(f"monitor.ks: {err}") from err
+    common = dict(image_size=monitor_cfg.image_size, max_images=monitor_cfg.max_images, device=device,
+                  amp_dtype=amp_dtype, batch_size=monitor_cfg.batch_size, figure_dir=Path(run_dir) / "figures",
+                  num_figures=monitor_cfg.num_figures)
+    if monitor_cfg.name == "kmeans":
+        return KMeansMonitor(dataset, mask_size=monitor_cfg.mask_size, ks=list(monitor_cfg.ks),
+                             pca_dim=monitor_cfg.pca_dim,
+                             pca_max_points=monitor_cfg.pca_max_points, iters=monitor_cfg.kmeans_iters,
+                             restarts=monitor_cfg.kmeans_restarts, seed=monitor_cfg.kmeans_seed,
+                             per_class=monitor_cfg.per_class, threads=monitor_cfg.faiss_threads, progress=progress,
                              **common)
-    if eval_cfg.name == "attn_monitor":
-        return AttentionMonitor(dataset, threshold=eval_cfg.attn_threshold,
-                                boundary_as_foreground=eval_cfg.boundary_as_foreground, **common)
-    raise ValueError(f"eval.name={eval_cfg.name!r} is not a monitor ({', '.join(MONITORS)})")
+    if monitor_cfg.name == "attention":
+        return AttentionMonitor(dataset, threshold=monitor_cfg.attn_threshold,
+                                boundary_as_foreground=monitor_cfg.boundary_as_foreground, **common)
+    raise ValueError(f"monitor.name={monitor_cfg.name!r} is not a monitor ({', '.join(MONITORS)})")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import logging
@@ -14,7 +13,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from neco.config import EvalConfig
 from neco.data.workers import cap_workers
 from neco.engine.log import environment_info
 from neco.engine.setup import resolve_device, resolve_precision, seed_everything
@@ -35,24 +33,17 @@ PROTOCOLS = {
     "unsup_seg": "neco.eval.unsupervised.protocol",
     "quick": "neco.eval.quick.protocol",
 }
-# Keys of the training-time `eval` settings that a training preset may leave in cfg.eval.
-_TRAINING_EVAL_KEYS = {f.name for f in dataclasses.fields(EvalConfig)}
-
-
 def selected_protocols(eval_cfg: Mapping) -> dict[str, dict]:
-    """``{protocol: options}`` from ``cfg.eval``; ``eval=quick`` (the training quick check) counts as one."""
+    """``{protocol: options}`` from ``cfg.eval`` (``eval=<protocol>`` or ``eval=[p1,p2]``)."""
     eval_cfg = dict(eval_cfg or {})
     chosen = {k: dict(v or {}) for k, v in eval_cfg.items() if isinstance(v, Mapping)}
     unknown = [k for k in chosen if k not in PROTOCOLS]
     if unknown:
         raise ConfigError(f"eval={','.join(unknown)}: unknown protocol; choose from {', '.join(PROTOCOLS)}")
-    name = eval_cfg.get("name")
-    if name == "quick":
-        chosen.setdefault("quick", {k: eval_cfg[k] for k in ("image_size", "train_images", "val_images")
-                                    if k in eval_cfg})
-    strays = [k for k, v in eval_cfg.items() if not isinstance(v, Mapping) and k not in _TRAINING_EVAL_KEYS]
+    strays = [k for k, v in eval_cfg.items() if not isinstance(v, Mapping)]
     if strays:
-        raise ConfigError(f"eval.{strays[0]}: not an evaluation protocol or option")
+        raise ConfigError(f"eval.{strays[0]}: not an evaluation protocol; training's monitor settings are "
+                          f"monitor.{strays[0]}")
     if not chosen:
         raise ConfigError("no evaluation protocol selected: pass eval=<protocol> or "
                           f"'eval=[p1,p2]' with protocols from {', '.join(p for p in PROTOCOLS if p != 'quick')}")
