@@ -202,7 +202,8 @@ def test_training_and_held_out_loss_pass_the_same_mask_parameters(tmp_path, monk
         "experiment=quickstart", "backbone.weights=random", "logger.progress=false", "data.batch_size=2",
         "data.synthetic_images=4", "data.synthetic_size=48", "data.global_size=32", "data.local_size=16",
         "loss.roi_size=3", "loss.head.hidden_dim=32", "loss.head.out_dim=16", "optim.epochs=1", "max_steps=1",
-        "eval.name=quick", "eval.image_size=32", "eval.train_images=4", "eval.val_images=4", "eval.num_figures=0",
+        "monitor.name=quick", "monitor.image_size=32", "monitor.train_images=4", "monitor.val_images=4",
+        "monitor.num_figures=0",
         "loss.mask=fg", "loss.mask_blur_padding=zeros", f"paths.output_dir={tmp_path}",
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
