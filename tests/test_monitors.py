@@ -207,3 +207,17 @@ def test_monitor_options_fail_clearly(tmp_path):
     with pytest.raises(ConfigError, match="monitor.ks"):
         monitors.build_monitor(cfg.monitor, cfg.data, cfg.paths, device="cpu", amp_dtype=None, progress=False,
                                run_dir=tmp_path)
+
+
+def test_monitors_leave_the_training_streams_alone(tmp_path):
+    """A run draws the same crops and reaches the same losses with any monitor or none (each monitor here also
+    runs between steps), so turning a monitor on never changes what is trained."""
+    def losses(name, *extra):
+        records = _train(tmp_path / name, f"monitor={name}", *extra)
+        return [r["loss"] for r in records if "loss" in r]
+
+    plain = losses("none")
+    assert len(plain) == 2
+    assert losses("quick", "monitor.train_images=8", "monitor.val_images=4") == plain
+    assert losses("kmeans", "monitor.mask_size=16", "monitor.ks=[classes]", "monitor.kmeans_iters=2",
+                  "monitor.kmeans_restarts=1", "monitor.max_images=2") == plain

@@ -188,8 +188,14 @@ class Trainer:
         network = self.teacher if getattr(self.evaluator, "model", "student") == "teacher" else self.student
         was_training = network.training
         network.eval()
-        metrics = self.evaluator(network.backbone, tag)
-        network.train(was_training)
+        # An evaluation never moves training's random streams (a DataLoader draws its seed from torch's): the run
+        # draws the same crops with any monitor or none, and at any monitoring frequency.
+        streams = rng_state()
+        try:
+            metrics = self.evaluator(network.backbone, tag)
+        finally:
+            set_rng_state(streams)
+            network.train(was_training)
         if metrics:
             record = {"step": self.state.step, "epoch": self.state.epoch}
             record.update({f"eval/{tag}/{k}": v for k, v in metrics.items()})
