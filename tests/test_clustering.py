@@ -62,11 +62,10 @@ def test_pca_is_skipped_when_not_reducing():
     np.testing.assert_allclose(got, (x - x.mean(0)) / (x.std(0) + 1e-5), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sample", ["faiss", "numpy"])
-def test_pca_training_rows_slice_then_faiss_sample_size(sample):
-    assert np.array_equal(pca_training_rows(500, 4, max_points=None, sample=sample), np.arange(500))
-    assert np.array_equal(pca_training_rows(500, 4, max_points=120, sample=sample), np.arange(120))
-    rows = pca_training_rows(10_000, 4, max_points=9_000, sample=sample)  # 1000 * D = 4000 of the first 9000
+def test_pca_training_rows_slice_then_faiss_sample_size():
+    assert np.array_equal(pca_training_rows(500, 4, max_points=None), np.arange(500))
+    assert np.array_equal(pca_training_rows(500, 4, max_points=120), np.arange(120))
+    rows = pca_training_rows(10_000, 4, max_points=9_000)  # 1000 * D = 4000 of the first 9000
     assert len(rows) == 4000 and rows.max() < 9000 and len(np.unique(rows)) == 4000
 
 

@@ -11,7 +11,7 @@ import torch
 from neco.eval.monitors import MONITOR_PCA
 from neco.eval.overcluster.protocol import pca_parameters
 from neco.eval.primitives.kmeans import faiss_threads
-from neco.eval.primitives.pca import Standardizer, pca_training_rows, standardise_and_project
+from neco.eval.primitives.pca import Standardizer, standardise_and_project
 from neco.eval.quick.evaluate import QUICK_PCA
 from neco.eval.unsupervised.clustering import UNSUP_PCA, project_tokens
 
@@ -91,8 +91,6 @@ def test_bad_parameters_are_refused():
         Standardizer("sklearn")
     with pytest.raises(ValueError, match="eps must be > 0"):
         Standardizer("eps", 0.0)
-    with pytest.raises(ValueError, match="pca_sample"):
-        pca_training_rows(10, 2, None, "torch")
 
 
 @pytest.mark.parametrize("precision", ["float32", "float64"])
@@ -102,12 +100,11 @@ def test_faiss_sample_is_the_pca_faiss_fits_on_every_row(precision):
     z = np.ascontiguousarray(scaler.transform(x))
     pca = faiss.PCAMatrix(3, 2)
     pca.train(z)  # faiss draws its own 3,000 rows
-    got = standardise_and_project(_chunks(x), len(x), 3, 2, constant_dims="rounding", precision=precision,
-                                  pca_sample="faiss")
+    got = standardise_and_project(_chunks(x), len(x), 3, 2, constant_dims="rounding", precision=precision)
     assert np.array_equal(got, pca.apply(z))
-    other = standardise_and_project(_chunks(x), len(x), 3, 2, constant_dims="rounding", precision=precision,
-                                    pca_sample="numpy")
-    assert not np.array_equal(other, got)  # a different subset of the same size
+    first = faiss.PCAMatrix(3, 2)
+    first.train(np.ascontiguousarray(z[:3000]))  # the same number of rows, but not faiss's: another projection
+    assert not np.array_equal(first.apply(z), got)
 
 
 def test_full_rank_pca_rotates_instead_of_skipping():
@@ -154,7 +151,7 @@ def _close_up_to_sign(got: np.ndarray, saved: np.ndarray) -> bool:
     return bool(np.abs(got * sign - saved).max() <= 1e-5)
 
 
-@pytest.mark.parametrize("caller", ["overcluster", "monitor", "quick", "unsup"])
+@pytest.mark.parametrize("caller", ["quick", "unsup"])
 def test_each_caller_reproduces_its_pre_merge_output(caller):
     # Saved from each caller's own earlier implementation (primitives/clustering.py standardise_and_project with
     # std_eps 0 and 1e-5, quick/evaluate.py _standardise_and_project, unsupervised/clustering.py standardise_pca).
@@ -163,11 +160,27 @@ def test_each_caller_reproduces_its_pre_merge_output(caller):
     assert _close_up_to_sign(got, saved)
 
 
+@pytest.mark.parametrize("caller", ["overcluster", "monitor"])
+def test_overcluster_and_monitor_fit_the_pca_the_reference_fits(caller):
+    """Their PCA is fitted on faiss's own sample of every standardised row, as the reference scripts hand faiss
+    every row (METHOD.md §6.1, §6.2). Their earlier implementation fitted it on another sample (numpy's draw):
+    on this table its projection is a different one."""
+    x = feature_table()
+    params = pca_parameters(0.0) if caller == "overcluster" else MONITOR_PCA
+    rule = {k: v for k, v in params.items() if k in ("constant_dims", "eps", "precision")}
+    z = np.ascontiguousarray(Standardizer(**rule).fit(_chunks(x)).transform(x))
+    pca = faiss.PCAMatrix(4, 2)
+    pca.train(z)  # every row: faiss draws its own 4,000
+    got = _caller_output(caller)
+    assert np.array_equal(got, pca.apply(z))
+    assert not _close_up_to_sign(got[ROWS_KEPT], np.load(PRE_MERGE)[caller])
+
+
 # Another caller's parameters do not pass for it: the comparison above can fail.
 WRONG = {
     "overcluster": MONITOR_PCA,  # eps instead of the rounding rule
     "monitor": pca_parameters(0.0),  # the rounding rule instead of eps
-    "quick": MONITOR_PCA,  # numpy's PCA sample instead of faiss's
+    "quick": pca_parameters(0.0),  # the rounding rule instead of eps
     "unsup": QUICK_PCA,  # eps instead of the threshold rule
 }
 

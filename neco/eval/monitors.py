@@ -33,7 +33,7 @@ log = logging.getLogger("neco")
 
 MONITORS = ("kmeans", "attention")
 # (x - mean) / (std + 1e-5) as the reference monitor (METHOD.md §6.1); the rest as neco.eval.primitives.pca notes.
-MONITOR_PCA = dict(constant_dims="eps", eps=1e-5, precision="float32", pca_sample="numpy")
+MONITOR_PCA = dict(constant_dims="eps", eps=1e-5, precision="float32")
 
 
 # ------------------------------------------------------------------------------------------ k-means monitor

@@ -77,9 +77,9 @@ def _check(opts: OverclusterOptions) -> None:
 
 def pca_parameters(std_eps: float) -> dict:
     """Standardisation of the tokens (neco.eval.primitives.pca): std_eps 0 is sklearn's StandardScaler, as the
-    reference script (METHOD.md §6.2); PCA rows are numpy's draw, what these numbers have been computed with."""
+    reference script (METHOD.md §6.2); the PCA is fitted on the rows faiss draws itself, as the reference's."""
     rule = dict(constant_dims="rounding") if std_eps == 0 else dict(constant_dims="eps", eps=std_eps)
-    return rule | dict(precision="float32", pca_sample="numpy")
+    return rule | dict(precision="float32")
 
 
 def _token_chunks(feats: torch.Tensor, rows: int = 100_000):

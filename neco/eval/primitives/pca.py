@@ -2,20 +2,20 @@
 evaluation uses.
 
 The protocols differ in named parameters; each caller passes the values below, which reproduce what it has
-always computed (its reference's behaviour except for the ``numpy`` PCA sample, see ``pca_sample``):
+always computed (its reference's behaviour):
 
-============================  =====================  =========  ===========  ==============
-caller                        ``constant_dims``      ``eps``    precision    ``pca_sample``
-============================  =====================  =========  ===========  ==============
-overclustering, METHOD §6.2   ``rounding`` [#]_      —          ``float32``  ``numpy``
-k-means monitor, METHOD §6.1  ``eps``                1e-5       ``float32``  ``numpy``
-unsupervised seg, §6.5.2      ``threshold``          —          ``float64``  ``faiss``
-quick k-means (§6.1 reduced)  ``eps``                1e-5       ``float64``  ``faiss``
-============================  =====================  =========  ===========  ==============
+============================  =====================  =========  ===========
+caller                        ``constant_dims``      ``eps``    precision
+============================  =====================  =========  ===========
+overclustering, METHOD §6.2   ``rounding`` [#]_      —          ``float32``
+k-means monitor, METHOD §6.1  ``eps``                1e-5       ``float32``
+unsupervised seg, §6.5.2      ``threshold``          —          ``float64``
+quick k-means (§6.1 reduced)  ``eps``                1e-5       ``float64``
+============================  =====================  =========  ===========
 
 .. [#] ``eval.overcluster.std_eps > 0`` selects ``eps`` with that epsilon instead.
 
-Which rows train the PCA: the first ``pca_max_points`` (the monitor: 4M, the others: all), then ``pca_sample``.
+Which rows train the PCA: the first ``pca_max_points`` (the monitor: 4M, the others: all), then faiss's sample.
 The unsupervised protocol also passes ``full_rank_pca`` and ``apply_rows=262144`` (see
 :func:`standardise_and_project`).
 
@@ -34,11 +34,10 @@ The unsupervised protocol also passes ``full_rank_pca`` and ``apply_rows=262144`
 about 1e-6 of float64 at half the memory traffic; it is what the 1.5M-6.4M-row sets of §6.1/§6.2 use.
 ``float64`` is two passes of float64 sums (torch's, per chunk) and a float64 transform rounded once to float32.
 
-``pca_sample``: faiss's ``PCAMatrix`` fits on at most ``1000 * D`` rows, drawn with faiss's own permutation
-(seed 1234) from the rows it is handed. ``faiss`` draws exactly those rows, in that order, before
-standardising, so the projection is bit for bit the one faiss fits when given every row (what the reference
-does) while only the sample is held. ``numpy`` draws the same number of rows with numpy's generator (seed
-1234), a different subset that the overclustering and monitor numbers were computed with.
+The PCA sample: faiss's ``PCAMatrix`` fits on at most ``1000 * D`` rows, drawn with faiss's own permutation
+(seed 1234) from the rows it is handed. Those rows are drawn here, in that order, before standardising, so the
+projection is bit for bit the one faiss fits when given every row (what every reference script does) while only
+the sample is held.
 
 A chunk source is a zero-argument callable returning an iterable of ``(rows, D)`` arrays, always the same rows
 in the same order: feature sets (VOC val at 448 px: 1.5M tokens; the monitor: 6.4M upsampled pixels) are read
@@ -56,7 +55,6 @@ import torch
 __all__ = [
     "CONSTANT_DIMS",
     "PRECISIONS",
-    "PCA_SAMPLES",
     "SCALER_CHUNK",
     "Standardizer",
     "pca_training_rows",
@@ -65,7 +63,6 @@ __all__ = [
 
 CONSTANT_DIMS = ("eps", "rounding", "threshold")
 PRECISIONS = ("float32", "float64")
-PCA_SAMPLES = ("faiss", "numpy")
 SCALER_CHUNK = 100_000  # rows per partial fit: the reference fits sklearn's StandardScaler in chunks of 100k
 PCA_SUBSAMPLE_SEED = 1234  # the seed faiss itself uses when it subsamples a PCA training set
 
@@ -170,20 +167,16 @@ class Standardizer:
         return out
 
 
-def pca_training_rows(n_rows: int, dim: int, max_points: int | None, sample: str = "faiss") -> np.ndarray:
+def pca_training_rows(n_rows: int, dim: int, max_points: int | None) -> np.ndarray:
     """Indices, in training order, of the rows a PCA of ``dim``-dimensional rows is fitted on.
 
     The first ``max_points`` rows (all when None) are the candidates, as the reference slices them; above faiss's
-    ``max_points_per_d * dim`` (1000 * D), that many are drawn from them by ``sample`` (module notes).
+    ``max_points_per_d * dim`` (1000 * D), faiss's own draw of that many (module notes).
     """
-    _check("pca_sample", sample, PCA_SAMPLES)
     n = n_rows if max_points is None else min(n_rows, max_points)
     cap = faiss.PCAMatrix(dim, 1).max_points_per_d * dim
     if n <= cap:
         return np.arange(n)
-    if sample == "numpy":
-        rng = np.random.default_rng(PCA_SUBSAMPLE_SEED)
-        return np.sort(rng.choice(n, size=cap, replace=False))
     perm = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
     faiss.rand_perm(faiss.swig_ptr(perm), n, PCA_SUBSAMPLE_SEED)  # faiss's fvecs_maybe_subsample draw
     return perm[:cap].astype(np.int64)
@@ -215,7 +208,6 @@ def standardise_and_project(
     eps: float = 1e-5,
     precision: str = "float32",
     pca_max_points: int | None = None,
-    pca_sample: str = "faiss",
     full_rank_pca: bool = False,
     apply_rows: int | None = None,
 ) -> np.ndarray:
@@ -237,7 +229,7 @@ def standardise_and_project(
     project = pca_dim is not None and (pca_dim < dim or (full_rank_pca and pca_dim == dim))
     pca = None
     if project:
-        train = _gather(chunks, pca_training_rows(n_rows, dim, pca_max_points, pca_sample), scaler, dim)
+        train = _gather(chunks, pca_training_rows(n_rows, dim, pca_max_points), scaler, dim)
         pca = faiss.PCAMatrix(dim, pca_dim)
         pca.train(train)
         del train

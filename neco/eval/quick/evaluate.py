@@ -31,7 +31,7 @@ from neco.eval.primitives.pca import standardise_and_project
 from neco.eval.quick.retrieval import nn_retrieval_miou, patch_label_histograms
 
 # (x - mean) / (std + 1e-5) in float64, PCA fitted on the rows faiss samples itself (neco.eval.primitives.pca).
-QUICK_PCA = dict(constant_dims="eps", eps=1e-5, precision="float64", pca_sample="faiss")
+QUICK_PCA = dict(constant_dims="eps", eps=1e-5, precision="float64")
 
 __all__ = [
     "quick_features",

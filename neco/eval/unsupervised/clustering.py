@@ -23,7 +23,7 @@ from neco.eval.primitives.pca import standardise_and_project
 __all__ = ["UNSUP_PCA", "project_tokens", "fit_kmeans", "ForegroundClustering"]
 
 # METHOD.md §6.5.2; pca_dim equal to the feature dimension still fits the PCA (a rotation), as this protocol always has.
-UNSUP_PCA = dict(constant_dims="threshold", precision="float64", pca_sample="faiss", full_rank_pca=True)
+UNSUP_PCA = dict(constant_dims="threshold", precision="float64", full_rank_pca=True)
 
 
 def project_tokens(parts: Sequence[torch.Tensor], dim: int, chunk: int = 262_144) -> torch.Tensor:
