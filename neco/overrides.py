@@ -166,6 +166,11 @@ def check_overrides(overrides: list[str], schema: type, conf_dir: Path = CONF_DI
         key = override.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")) or override.is_delete() or override.package:
             continue
+        if key.split(".")[0] == "eval" and "eval" not in _field_types(schema):
+            # conf/eval/ holds the protocols of `python -m neco.eval`; a training command has no `eval`.
+            raise ConfigError(f"{override.input_line}: training has no eval settings; its checks along the way are "
+                              "monitor=none|quick|kmeans|attention (monitor.<option>=...), and the evaluation "
+                              "protocols run with python -m neco.eval eval=<protocol>")
         if "." not in key and "/" not in key and (conf_dir / key).is_dir():
             if check_groups:
                 for option in _option_values(override):

@@ -179,6 +179,10 @@ def test_misspelt_key_is_refused_with_or_without_plus(tmp_path, override):
                                    "base/: ", "ablations/: ablation_steepness_", "ablation_steepness_odd_even",
                                    "quickstart"]),
     (["-m", "loss.student_steepness=10,100", "backbone=dinov2_vits14,dinov2_vits16"], ["did you mean dinov2_vits14"]),
+    # The evaluation app's group in a training command: where training's own checks are instead.
+    (["eval=kmeans_monitor"], ["eval=kmeans_monitor: training has no eval settings",
+                               "monitor=none|quick|kmeans|attention", "python -m neco.eval"]),
+    (["eval.every_n_epochs=2"], ["eval.every_n_epochs=2: training has no eval settings", "monitor.<option>="]),
 ])
 def test_training_command_line_mistakes(tmp_path, args, needles):
     show = [] if "-m" in args else ["--cfg", "job"]  # a sweep is checked before any of its jobs starts
