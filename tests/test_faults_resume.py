@@ -234,6 +234,18 @@ def test_old_checkpoint_without_a_setting_added_later_still_resumes(tmp_path):
     assert train(tiny_cfg(tmp_path, "max_steps=2"), tmp_path / "run")["step"] == 2
 
 
+def test_checkpoint_from_before_the_monitor_group_still_resumes(tmp_path):
+    """Checkpoints written when training's monitors were the `eval` group (and without a stored fingerprint, the
+    oldest kind) resume: monitor settings may change on resume, and a setting the code no longer has is no change."""
+    train(tiny_cfg(tmp_path, "max_steps=1"), tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["config"]["eval"] = state["config"].pop("monitor")
+    del state["fingerprint"]
+    torch.save(state, last)
+    assert train(tiny_cfg(tmp_path, "max_steps=2"), tmp_path / "run")["step"] == 2
+
+
 def test_starting_over_sets_the_earlier_run_aside(tmp_path):
     """resume=null in a directory with checkpoints: the new run's files are not mixed with the earlier ones (and
     its step files are not pruned in favour of the earlier, higher-numbered ones)."""

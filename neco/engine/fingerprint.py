@@ -24,7 +24,6 @@ from neco.engine.checkpoint import ResumeError
 MAY_CHANGE = (
     "max_steps", "checkpoint_every", "keep_checkpoints", "resume", "resume_force", "run_name", "device",
     "compile", "loss.sorter", "logger.", "paths.", "monitor.", "data.num_workers",
-    "eval.",  # the monitor settings' name in checkpoints written before `monitor` had its own group
     "backbone.weights", "backbone.strict", "backbone.checkpoint_model",
 )
 

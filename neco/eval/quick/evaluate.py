@@ -42,7 +42,6 @@ __all__ = [
 ]
 
 
-
 def _show_progress(progress: bool | None) -> bool:
     if progress is None:
         return sys.stderr.isatty()
