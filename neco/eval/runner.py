@@ -33,6 +33,8 @@ PROTOCOLS = {
     "unsup_seg": "neco.eval.unsupervised.protocol",
     "quick": "neco.eval.quick.protocol",
 }
+
+
 def selected_protocols(eval_cfg: Mapping) -> dict[str, dict]:
     """``{protocol: options}`` from ``cfg.eval`` (``eval=<protocol>`` or ``eval=[p1,p2]``)."""
     eval_cfg = dict(eval_cfg or {})
