@@ -211,7 +211,8 @@ class Trainer:
         if self.state.step >= last_step:
             log.info("the run is already complete at step %d; nothing to do", self.state.step)
             return {"step": self.state.step}
-        if self.state.step == 0 and self.state.batch_in_epoch == 0 and self.evaluator and settings.eval_before_training:
+        at_start = self.state.step == 0 and self.state.batch_in_epoch == 0
+        if at_start and self.evaluator and settings.monitor_before_training:
             self._evaluate("before")
         self.student.train()
         self.teacher.eval()  # no dropout or stochastic depth; the teacher only moves by EMA
@@ -266,7 +267,7 @@ class Trainer:
                         window_loss, window_n, window_images, window_start = 0.0, 0, 0, time.perf_counter()
                     if settings.checkpoint_every and self.state.step % settings.checkpoint_every == 0:
                         self.save()
-                    every_steps = settings.eval_every_n_steps
+                    every_steps = settings.monitor_every_n_steps
                     if every_steps and self.state.step % every_steps == 0 and self.state.step < last_step:
                         self._evaluate(f"step{self.state.step}")
                     if self._stop_requested():  # e.g. SLURM's warning before the time limit: save here, requeue
@@ -277,14 +278,14 @@ class Trainer:
                     self.state.epoch += 1
                     self.state.batch_in_epoch = 0
                     self.save()
-                    every = settings.eval_every_n_epochs
+                    every = settings.monitor_every_n_epochs
                     if every and self.state.epoch % every == 0 and self.state.epoch < settings.epochs:
                         self._evaluate(f"epoch{self.state.epoch}")
         bar.close()
         self.save()
         if stopped:
             return {"step": self.state.step, "loss": last_loss, "stopped": True}
-        if self.evaluator and settings.eval_after_training:
+        if self.evaluator and settings.monitor_after_training:
             self._evaluate("after")
         return {"step": self.state.step, "loss": last_loss}
 

@@ -35,10 +35,10 @@ class TrainerSettings:
     keep_checkpoints: int  # keep_checkpoints
     log_every: int  # logger.log_every
     progress: bool  # logger.progress
-    eval_before_training: bool  # monitor.before_training
-    eval_after_training: bool  # monitor.after_training
-    eval_every_n_epochs: int  # monitor.every_n_epochs
-    eval_every_n_steps: int  # monitor.every_n_steps
+    monitor_before_training: bool  # monitor.before_training
+    monitor_after_training: bool  # monitor.after_training
+    monitor_every_n_epochs: int  # monitor.every_n_epochs
+    monitor_every_n_steps: int  # monitor.every_n_steps
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> TrainerSettings:
@@ -49,8 +49,8 @@ class TrainerSettings:
             batch_size=data.batch_size, loss_mask=loss.mask, use_teacher=loss.use_teacher,
             mask_blur_padding=loss.mask_blur_padding, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
             keep_checkpoints=cfg.keep_checkpoints, log_every=logger.log_every, progress=logger.progress,
-            eval_before_training=monitor.before_training, eval_after_training=monitor.after_training,
-            eval_every_n_epochs=monitor.every_n_epochs, eval_every_n_steps=monitor.get("every_n_steps", 0),
+            monitor_before_training=monitor.before_training, monitor_after_training=monitor.after_training,
+            monitor_every_n_epochs=monitor.every_n_epochs, monitor_every_n_steps=monitor.get("every_n_steps", 0),
         )
 
 
