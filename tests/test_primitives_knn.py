@@ -16,11 +16,9 @@ HAS_FAISS = importlib.util.find_spec("faiss") is not None
 BLOCKS = [(None, None), (1000, 1000), (7, 13), (5, 2), (64, 3), (3, 1)]
 
 
-def _brute(q, m, k, exclude_self=False):
+def _brute(q, m, k):
     """float64 similarities; order by similarity, then lower memory row first (a stable sort)."""
     s = q.double().numpy() @ m.double().numpy().T
-    if exclude_self:
-        np.fill_diagonal(s, -np.inf)
     order = np.argsort(-s, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(s, order, 1), order
 
@@ -73,18 +71,10 @@ def test_k_above_the_memory_returns_every_row_best_first():
     assert s.shape == (9, 0) and i.shape == (9, 0) and i.dtype == torch.long
 
 
-def test_exclude_self_never_returns_the_query_row():
+def test_a_memory_row_searched_for_itself_is_its_own_nearest_neighbour():
     m = _unit(50, 6, 4)
-    s, i = knn_search(m, m, 4, exclude_self=True, query_block=8, memory_block=7)
-    want_s, want_i = _brute(m, m, 4, exclude_self=True)
-    assert np.array_equal(i.numpy(), want_i) and np.allclose(s.numpy(), want_s, atol=1e-6)
-    assert not (i == torch.arange(50)[:, None]).any()
-    # Without the option every unit row is its own nearest neighbour.
     _, plain = knn_search(m, m, 4)
     assert torch.equal(plain[:, 0], torch.arange(50))
-    # k up to the memory size leaves one row out, never the query itself at -inf.
-    s, i = knn_search(m[:5], m[:5], 10, exclude_self=True)
-    assert s.shape == (5, 4) and torch.isfinite(s).all()
 
 
 def test_cosine_ranks_by_angle_dot_by_inner_product():

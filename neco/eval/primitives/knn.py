@@ -7,7 +7,6 @@ whatever the sizes. Its options are the behaviours its callers differ in:
 * ``similarity``: ``dot`` (inner product of the rows as given) or ``cosine`` (both sides L2-normalised first).
 * ``ties``: ``topk`` leaves equal similarities in whatever order ``torch.topk`` and the block merges leave them,
   which depends on the block sizes; ``lowest_index`` puts the lower memory row first, the same for any blocks.
-* ``exclude_self``: query ``i`` is memory row ``i``; a row is never its own neighbour.
 * block sizes (``query_block``, ``memory_block``, ``block_elements``): they change no ranking except among
   ties and in the last bits of a similarity (a matmul's rounding depends on its shape), so every caller keeps
   the sizes its numbers were made with.
@@ -52,15 +51,12 @@ def _top(s: torch.Tensor, n: int, ties: str) -> tuple[torch.Tensor, torch.Tensor
     return values[:, :n], pos[:, :n]
 
 
-def _search_block(q, memory, k, rows, ties, first_query, compute_dtype):
+def _search_block(q, memory, k, rows, ties, compute_dtype):
     """Running top-k of the query block ``q`` over ``memory`` taken ``rows`` rows at a time."""
     qc = q.to(compute_dtype)
     best_s = best_i = None
     for ms in range(0, memory.shape[0], rows):
         s = qc @ memory[ms : ms + rows].to(compute_dtype).T
-        if first_query is not None:
-            own = torch.arange(first_query, first_query + q.shape[0], device=s.device)[:, None]
-            s = s.masked_fill(own == torch.arange(ms, ms + s.shape[1], device=s.device)[None, :], -torch.inf)
         s, i = _top(s, min(k, s.shape[1]), ties)
         i = i + ms
         if best_s is not None:
@@ -90,7 +86,6 @@ def knn_search(
     *,
     similarity: str = "dot",
     ties: str = "topk",
-    exclude_self: bool = False,
     query_block: int | None = None,
     memory_block: int | None = None,
     block_elements: int = SIM_BLOCK_ELEMENTS,
@@ -99,7 +94,7 @@ def knn_search(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` search; returns ``(similarities (Q, k'), indices int64 (Q, k'))``, best first.
 
-    ``k' = min(k, rows)`` (``rows - 1`` with ``exclude_self``). Block sizes: ``query_block`` queries at a time
+    ``k' = min(k, rows)``. Block sizes: ``query_block`` queries at a time
     (default ``block_elements // memory_block``); ``memory_block`` rows at a time (default, with ``query_block``
     given: ``max(k, block_elements // queries in the block)``, so a shorter last query block takes larger memory
     blocks; with neither given: ``min(rows, block_elements // 1024)``). ``compute_dtype`` (default: the inputs'
@@ -112,7 +107,7 @@ def knn_search(
     if similarity == "cosine":
         queries, memory = F.normalize(queries.float(), dim=-1), F.normalize(memory.float(), dim=-1)
     q_total, m_total = queries.shape[0], memory.shape[0]
-    k = max(min(k, m_total - 1 if exclude_self else m_total), 0)
+    k = max(min(k, m_total), 0)
     if k == 0:
         return queries.new_empty(q_total, 0), torch.empty(q_total, 0, dtype=torch.long, device=queries.device)
     if query_block is None:
@@ -124,7 +119,7 @@ def knn_search(
     for qs in range(0, q_total, query_block):
         q = queries[qs : qs + query_block]
         rows = memory_block or max(k, block_elements // q.shape[0])
-        s, i = _search_block(q, memory, k, rows, ties, qs if exclude_self else None, compute_dtype)
+        s, i = _search_block(q, memory, k, rows, ties, compute_dtype)
         if rescore:
             s, i = _rescore(q, memory, i, ties)
         sims_out.append(s)
