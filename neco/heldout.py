@@ -15,7 +15,7 @@ import copy
 import torch
 from torch.utils.data import DataLoader
 
-from neco.loss.masks import TRAINING_MASS_FRACTION, attention_foreground
+from neco.loss.masks import teacher_foreground
 
 
 class HeldOutLoss:
@@ -58,9 +58,7 @@ class HeldOutLoss:
                     teacher_maps, fg = out, None
                     if self.masked and self.use_teacher:
                         teacher_maps, attention = out
-                        fg = attention_foreground(torch.cat(attention), TRAINING_MASS_FRACTION,
-                                                  blur_padding=self.blur_padding).float().view(
-                            self.num_global, crops[0].shape[0], 1, *attention[0].shape[-2:])
+                        fg = teacher_foreground(attention, self.blur_padding)
                     total += float(objective(student_maps, teacher_maps, boxes, fg))
                     count += 1
         finally:

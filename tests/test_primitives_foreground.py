@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 import neco.config  # noqa: F401
 import neco.engine.trainer
 import neco.heldout
+import neco.loss.masks
 from neco.eval.context import typed_options
 from neco.eval.monitors import attention_jaccards
 from neco.eval.unsupervised import protocol as unsup
@@ -26,6 +27,7 @@ from neco.loss.masks import (
     drop_small_components,
     gaussian_blur,
     keep_mass,
+    teacher_foreground,
 )
 from neco.train import train
 
@@ -188,16 +190,21 @@ def test_attention_monitor_reproduces_the_saved_jaccards():
 
 
 def test_training_and_held_out_loss_pass_the_same_mask_parameters(tmp_path, monkeypatch):
-    calls = []
+    calls, fractions = [], []
 
     def spy(where):
-        def wrapped(attention, fraction, **kw):
-            calls.append((where, fraction, kw.get("blur_padding", "reflect")))
-            return attention_foreground(attention, fraction, **kw)
+        def wrapped(attention, blur_padding):
+            calls.append((where, blur_padding))
+            return teacher_foreground(attention, blur_padding)
         return wrapped
 
-    monkeypatch.setattr(neco.engine.trainer, "attention_foreground", spy("training"))
-    monkeypatch.setattr(neco.heldout, "attention_foreground", spy("held-out"))
+    def fraction_spy(attention, fraction, **kw):
+        fractions.append(fraction)
+        return attention_foreground(attention, fraction, **kw)
+
+    monkeypatch.setattr(neco.engine.trainer, "teacher_foreground", spy("training"))
+    monkeypatch.setattr(neco.heldout, "teacher_foreground", spy("held-out"))
+    monkeypatch.setattr(neco.loss.masks, "attention_foreground", fraction_spy)
     overrides = [
         "experiment=quickstart", "backbone.weights=random", "logger.progress=false", "data.batch_size=2",
         "data.synthetic_images=4", "data.synthetic_size=48", "data.global_size=32", "data.local_size=16",
@@ -209,5 +216,5 @@ def test_training_and_held_out_loss_pass_the_same_mask_parameters(tmp_path, monk
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     train(cfg, tmp_path / "run")
-    assert {where for where, _, _ in calls} == {"training", "held-out"}
-    assert {(fraction, padding) for _, fraction, padding in calls} == {(0.6, "zeros")}
+    assert {where for where, _ in calls} == {"training", "held-out"}
+    assert {padding for _, padding in calls} == {"zeros"} and set(fractions) == {0.6}

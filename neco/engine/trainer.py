@@ -22,7 +22,7 @@ from neco.engine.log import MetricsLogger
 from neco.engine.optim import Schedules
 from neco.engine.trainer_settings import TrainerSettings
 from neco.errors import UserError
-from neco.loss.masks import TRAINING_MASS_FRACTION, attention_foreground
+from neco.loss.masks import teacher_foreground
 from neco.models.ema import ema_update
 
 log = logging.getLogger("neco")
@@ -144,9 +144,7 @@ class Trainer:
                 # No-teacher ablation: the student's own global maps give targets (no grad) and references.
                 teacher_maps, attention = student_maps[:G], None
         if masked:
-            fg = attention_foreground(torch.cat(attention), TRAINING_MASS_FRACTION,
-                                      blur_padding=self.settings.mask_blur_padding)
-            fg = fg.float().view(G, crops[0].shape[0], 1, *attention[0].shape[-2:])
+            fg = teacher_foreground(attention, self.settings.mask_blur_padding)
         return self.objective(student_maps, teacher_maps, boxes, fg)
 
     def _optimizer_step(self) -> Optional[float]:

@@ -129,3 +129,10 @@ def attention_foreground(attention: torch.Tensor, fraction: float, *, blur_paddi
         raise ValueError(f"attention must be (N, heads, h, w), got shape {tuple(attention.shape)}")
     maps = gaussian_blur(attention.float().mean(dim=1), kernel_size, sigma, padding=blur_padding)
     return drop_small_components(keep_mass(maps, fraction), min_size)
+
+
+def teacher_foreground(attention: list[torch.Tensor], blur_padding: str) -> torch.Tensor:
+    """The fg/bg loss weights of ``loss.mask=fg|bg`` (METHOD.md §3.8), for training and the held-out loss alike:
+    the teacher's ``(B, heads, h, w)`` attention of each of the G global crops -> float ``(G, B, 1, h, w)``."""
+    fg = attention_foreground(torch.cat(attention), TRAINING_MASS_FRACTION, blur_padding=blur_padding)
+    return fg.float().view(len(attention), attention[0].shape[0], 1, *attention[0].shape[-2:])
