@@ -170,15 +170,14 @@ def attention_jaccards(
     unless ``boundary_as_foreground``, which counts them as foreground as the reference callback did.
     Returns ``(merged (B,), best_head (B,), merged foreground masks (B, S, S))``.
     """
-    b, heads, h, w = attention.shape
+    b = attention.shape[0]
     size = masks.shape[-2:]
     masks = masks.long()
     attention = attention.float()
     merged = attention_foreground(attention, threshold)  # METHOD.md §6.6: reflect blur
     # Token maps onto the masks with torch's nearest, as the reference callback.
     merged = resize_label_map(merged, tuple(size), LEGACY_NEAREST)
-    per_head = keep_mass(attention.reshape(b * heads, 1, h, w), threshold).view(b, heads, h, w)
-    per_head = resize_label_map(per_head.bool(), tuple(size), LEGACY_NEAREST)
+    per_head = resize_label_map(keep_mass(attention, threshold), tuple(size), LEGACY_NEAREST)  # each head alone
     if boundary_as_foreground or ignore_index is None:
         valid = torch.ones_like(masks, dtype=torch.bool)
     else:
